@@ -1,0 +1,185 @@
+"""The allocator interface, its registry, and the result every allocator returns.
+
+An allocator reads a :class:`Problem` (the prunable layers, their weights and scores, the
+global target, and for learned methods the model, task and calibration batches) and
+proposes either per-layer sparsities or per-layer score thresholds. The base class lands
+every proposal exactly on the target (see :mod:`fcpts.landing`), so no method can drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import landing
+from ..errors import UserError
+from ..layers import LayerSpec
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Problem:
+    """Everything an allocator may read. Scores and weights are keyed by layer name."""
+
+    layers: list[LayerSpec]
+    weights: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    target: float
+    score_kind: str = "magnitude"
+    model: nn.Module | None = None
+    task: Any = None
+    batches: Sequence[Any] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    callback: Callback | None = None
+    progress: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+
+@dataclass
+class Proposal:
+    """What an allocator proposes; exactly one of sparsities/thresholds is set."""
+
+    sparsities: dict[str, float] | None = None
+    thresholds: dict[str, float] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    params: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    threshold: float
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass
+class Allocation:
+    """Masks (True = keep) and the figures that describe them."""
+
+    method: str
+    score: str
+    target: float
+    layers: list[LayerResult]
+    masks: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None = None
+    params: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def prunable(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def achieved(self) -> float:
+        return self.zeros / self.prunable
+
+    def sparsities(self) -> dict[str, float]:
+        return {layer.name: layer.sparsity for layer in self.layers}
+
+
+class Allocator(ABC):
+    """Base of every allocation method. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[Allocator]]] = {}
+
+    @dataclass(frozen=True)
+    class Config:
+        def __post_init__(self) -> None:  # subclasses validate here
+            pass
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Allocator.registry[cls.name] = cls
+
+    def __init__(self, **settings: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise UserError(
+                f"allocator {self.name!r} has no setting {unknown[0]!r}; "
+                f"its settings are: {', '.join(sorted(known)) or '(none)'}"
+            )
+        try:
+            self.config = self.Config(**settings)
+        except TypeError as exc:
+            raise UserError(f"allocator {self.name!r}: {exc}") from None
+
+    @abstractmethod
+    def propose(self, problem: Problem) -> Proposal:
+        """Per-layer sparsities or thresholds for ``problem.target``."""
+
+    def allocate(self, problem: Problem) -> Allocation:
+        """Propose, then land exactly on round(target x N) zeros within the bounds."""
+        target = landing.check_target(problem.target)
+        k = landing.check_feasible(target, problem.layers)
+        start = time.perf_counter()
+        proposal = self.propose(problem)
+        ordered = landing.sorted_scores(problem.scores)
+        values = {name: v for name, (v, _) in ordered.items()}
+        if proposal.thresholds is not None:
+            keys = landing.keys_from_thresholds(values, proposal.thresholds)
+        elif proposal.sparsities is not None:
+            keys = landing.keys_from_sparsities(values, proposal.sparsities)
+        else:
+            raise RuntimeError(f"allocator {self.name!r} proposed nothing")
+        counts = landing.land_counts(keys, problem.layers, k)
+        masks = landing.masks_from_counts(
+            {name: o for name, (_, o) in ordered.items()},
+            counts,
+            {layer.name: layer.shape for layer in problem.layers},
+        )
+        layers = []
+        for layer in problem.layers:
+            c = counts[layer.name]
+            v = values[layer.name]
+            threshold = float(v[c - 1]) if c > 0 else float("nan")
+            layers.append(LayerResult(layer.name, layer.shape, layer.numel, c, threshold))
+        return Allocation(
+            method=self.name,
+            score=problem.score_kind,
+            target=target,
+            layers=layers,
+            masks=masks,
+            settings=dataclasses.asdict(self.config),
+            weights=proposal.weights,
+            params=proposal.params,
+            history=proposal.history,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def get_allocator(name: str, **settings: Any) -> Allocator:
+    """An allocator by its registry name, e.g. ``get_allocator("fcpts", iters=100)``."""
+    try:
+        cls = Allocator.registry[name]
+    except KeyError:
+        raise UserError(
+            f"unknown method {name!r}: choose one of {', '.join(sorted(Allocator.registry))}"
+        ) from None
+    return cls(**settings)

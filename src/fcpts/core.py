@@ -1,0 +1,110 @@
+"""The one-call entry point: a model, a task and calibration batches in, an allocation out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .alloc import Allocation, Problem, get_allocator
+from .alloc.base import Callback
+from .errors import UserError
+from .landing import check_feasible, check_target
+from .layers import LayerSpec, find_prunable
+from .scores import check_score, collect_input_norms, compute_scores, needs_activations
+from .tasks import Task, to_device
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers are prunable and within which bounds (see :func:`find_prunable`)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_dense: tuple[str, ...] = ()
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+
+    def find(self, model: nn.Module) -> list[LayerSpec]:
+        return find_prunable(
+            model,
+            include=self.include or None,
+            exclude=self.exclude,
+            keep_dense=self.keep_dense,
+            bounds=self.bounds,
+            min_sparsity=self.min_sparsity,
+            max_sparsity=self.max_sparsity,
+        )
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else must exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device: use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+def sparsify(
+    model: nn.Module,
+    target: float,
+    method: str = "fcpts",
+    score: str = "magnitude",
+    task: Task | None = None,
+    batches: Sequence[Any] | None = None,
+    selection: LayerSelection | None = None,
+    settings: Mapping[str, Any] | None = None,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device = "auto",
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Allocation:
+    """Allocate ``target`` sparsity over the prunable layers of ``model``.
+
+    Returns masks and figures; the model itself is not modified (use
+    :func:`fcpts.sparse_model.apply_allocation`). Activation-aware scores and the learned
+    method need ``task`` and calibration ``batches``.
+    """
+    target = check_target(target)
+    check_score(score)
+    allocator = get_allocator(method, **dict(settings or {}))
+    selection = selection or LayerSelection()
+    layers = selection.find(model)
+    check_feasible(target, layers)
+    dev = resolve_device(device)
+    if batches is not None and len(batches) == 0:
+        raise UserError("the calibration set is empty: give at least one calibration sample")
+    if needs_activations(score) and input_norms is None:
+        if task is None or not batches:
+            raise UserError("the wanda score needs calibration data: give --data")
+        model_dev = model.to(dev).eval()
+        input_norms = collect_input_norms(
+            model_dev, layers, [to_device(b, dev) for b in batches], task.run
+        )
+    weights = {layer.name: model.get_submodule(layer.name).weight.detach() for layer in layers}
+    scores = compute_scores(weights, layers, score, input_norms)
+    problem = Problem(
+        layers=layers,
+        weights=weights,
+        scores=scores,
+        target=target,
+        score_kind=score,
+        model=model,
+        task=task,
+        batches=batches,
+        device=dev,
+        callback=callback,
+        progress=progress,
+    )
+    allocation = allocator.allocate(problem)
+    allocation.settings = dict(allocation.settings, device=str(dev))
+    return allocation

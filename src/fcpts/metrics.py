@@ -1,0 +1,83 @@
+"""Evaluation helpers: sparsity counted from the weights, task metrics, BN recalibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LayerSpec
+from .tasks import Task, to_device
+
+
+@torch.no_grad()
+def count_sparsity(model: nn.Module, layers: Sequence[LayerSpec]) -> dict[str, Any]:
+    """Zeros per layer and overall, counted from the weights themselves."""
+    per_layer = {}
+    zeros = total = 0
+    for layer in layers:
+        w = model.get_submodule(layer.name).weight
+        z = int((w == 0).sum())
+        per_layer[layer.name] = {"zeros": z, "numel": w.numel(), "sparsity": z / w.numel()}
+        zeros += z
+        total += w.numel()
+    return {"zeros": zeros, "prunable": total, "sparsity": zeros / total, "layers": per_layer}
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The task outputs of ``model`` over ``batches``, concatenated on the CPU."""
+    model.eval()
+    outs = []
+    for batch in batches:
+        batch = to_device(batch, device)
+        outs.append(task.output(task.run(model, batch), batch).float().cpu())
+    return torch.cat(outs)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels.to(logits.device)).float().mean())
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def neighbour_agreement(dense: torch.Tensor, sparse: torch.Tensor) -> float:
+    """Fraction of items whose nearest neighbour (cosine, excluding itself) is unchanged."""
+    def nn_index(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(-1)
+
+    return float((nn_index(dense) == nn_index(sparse)).float().mean())
+
+
+def relative_output_mse(dense: torch.Tensor, sparse: torch.Tensor) -> float:
+    return float((sparse - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu") -> int:
+    """Re-estimate BatchNorm running statistics on ``batches``; returns how many BN layers."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            task.run(model, to_device(batch, device))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return len(bns)
