@@ -1,0 +1,70 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import services  # noqa: E402  (tests/services.py: start/stop real services)
+
+# --- real services ---
+# Session-scoped: each service starts once, on a free 127.0.0.1 port, and is stopped at
+# the end of the session. A missing binary skips the tests that need it, except under CI
+# (CI set), where it fails them.
+
+
+def _start(start, *args, **kwargs):
+    try:
+        return start(*args, **kwargs)
+    except services.ServiceUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{e} (CI is set: missing services fail instead of skipping)")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server; ``.url`` is the SQLAlchemy URL of its database ``fcpts``."""
+    svc = _start(services.start_postgres, tmp_path_factory.mktemp("postgres"))
+    with svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """A moto S3 server; ``.endpoint_url``, ``.env()`` (AWS variables), ``.client()``."""
+    svc = _start(services.start_moto, tmp_path_factory.mktemp("moto"))
+    with svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite_server(tmp_path_factory):
+    """An MLflow server on SQLite with local artifacts; ``.tracking_uri``."""
+    d = tmp_path_factory.mktemp("mlflow-sqlite")
+    svc = _start(services.start_mlflow_server, d, f"sqlite:///{d / 'mlflow.db'}")
+    with svc:
+        yield svc
+
+
+MLFLOW_ARTIFACT_BUCKET = "fcpts-mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_s3_server(tmp_path_factory, postgres, moto_server):
+    """An MLflow server on PostgreSQL (its own database ``mlflow``) with artifacts in
+    ``s3://fcpts-mlflow/artifacts`` on the moto server; ``.artifacts_destination``."""
+    moto_server.client().create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
+    svc = _start(
+        services.start_mlflow_server,
+        tmp_path_factory.mktemp("mlflow-pg"),
+        postgres.create_database("mlflow"),
+        f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts",
+        env=moto_server.env(),
+    )
+    with svc:
+        yield svc
