@@ -61,6 +61,7 @@ class FCPTS(Allocator):
         lr: float = 0.05
         weight_lr: float = 1e-4
         joint: bool = True
+        learn_thresholds: bool = True
         ste: bool = True
         ste_width: float = 1.0
         init: str = "erk"
@@ -70,6 +71,7 @@ class FCPTS(Allocator):
         block_weight: float = 1.0
         output_weight: float = 1.0
         normalize: bool = True
+        schedule: str = "constant"
         seed: int = 0
 
         def __post_init__(self) -> None:
@@ -83,10 +85,15 @@ class FCPTS(Allocator):
             need(self.lr > 0, f"lr must be > 0 (threshold learning rate, e.g. 0.05), got {self.lr}")
             need(self.weight_lr >= 0, f"weight_lr must be >= 0, got {self.weight_lr}")
             need(self.ste_width > 0, f"ste_width must be > 0 (in KDE bandwidths), got {self.ste_width}")
+            need(self.schedule in ("constant", "cosine"), f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
             need(self.init in ("erk", "uniform"), f"init must be 'erk' or 'uniform', got {self.init!r}")
             need(self.bridge in BRIDGES, f"bridge must be one of {BRIDGES}, got {self.bridge!r}")
             need(self.kde_samples >= 16, f"kde_samples must be >= 16, got {self.kde_samples}")
             need(self.output_weight >= 0 and self.block_weight >= 0, "output_weight and block_weight must be >= 0")
+            need(
+                self.learn_thresholds or (self.joint and self.weight_lr > 0),
+                "learn_thresholds=False with joint=False leaves nothing to learn: use method erk or uniform",
+            )
             object.__setattr__(self, "blocks", tuple(self.blocks))
 
     def propose(self, problem: Problem) -> Proposal:
@@ -135,7 +142,7 @@ class FCPTS(Allocator):
             p.requires_grad_(False)
         weights = {layer.name: student.get_submodule(layer.name).weight for layer in learn}
         extra: dict[str, nn.Parameter] = {}
-        param_groups = [{"params": [theta], "lr": cfg.lr}]
+        param_groups = [{"params": [theta], "lr": cfg.lr}] if cfg.learn_thresholds else []
         if cfg.joint and cfg.weight_lr > 0:
             learn_names = {layer.param_name for layer in learn}
             dense_names = {layer.param_name for layer in layers if layer.keep_dense}
@@ -148,6 +155,11 @@ class FCPTS(Allocator):
                         extra[name] = p
             param_groups.append({"params": [w for w in weights.values()] + list(extra.values()), "lr": cfg.weight_lr})
         optimizer = torch.optim.Adam(param_groups)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.iters))
+            if cfg.schedule == "cosine"
+            else None
+        )
 
         batches = [to_device(b, device) for b in problem.batches]
         block_cache: dict[str, torch.Tensor] = {}
@@ -179,7 +191,7 @@ class FCPTS(Allocator):
             for j, layer in enumerate(learn):
                 m = scores[layer.name]
                 hard = (m > t[j]).to(m.dtype)
-                if cfg.ste:
+                if cfg.ste and cfg.learn_thresholds:
                     soft = torch.sigmoid((m - t[j]) / widths[j])
                     mask = hard + soft - soft.detach()
                 else:
@@ -209,6 +221,8 @@ class FCPTS(Allocator):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             with torch.no_grad():
                 theta.copy_(torch.maximum(torch.minimum(theta, hi_t), lo_t))
             record = {

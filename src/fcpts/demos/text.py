@@ -58,13 +58,14 @@ def sentences() -> list[str]:
     """All prose sentences, deduplicated, in a fixed pseudo-random order."""
     seen: set[str] = set()
     for name in MODULES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated aliases warn when their doc is read
+            try:
                 module = importlib.import_module(name)
-        except Exception:  # a module missing from this Python build is simply skipped
-            continue
-        for doc in _docstrings(module):
+            except Exception:  # a module missing from this Python build is simply skipped
+                continue
+            docs = _docstrings(module)
+        for doc in docs:
             for paragraph in doc.split("\n\n"):
                 text = " ".join(paragraph.split())
                 for s in _SENTENCE.split(text):
