@@ -1,0 +1,178 @@
+"""Step 2, allocate: run an allocator from the registry on a calibration artifact.
+
+Writes ``model.safetensors`` (the whole state_dict of the sparse model under the source
+model's own parameter names) and ``manifest.json`` (target, achieved sparsity, zeros,
+prunable, method, score, per-layer figures, plus where the model and the calibration
+data came from, so evaluation can reload the dense model and stay disjoint).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..alloc import Allocation, get_allocator
+from ..alloc.base import Callback
+from ..core import LayerSelection, sparsify
+from ..errors import UserError
+from ..metrics import recalibrate_batchnorm
+from ..scores import check_score, needs_activations
+from ..sources import ResolvedModel, layer_view, make_task, resolve_model
+from ..sparse_model import apply_allocation, manifest, save_sparse
+from .calibrate import Calibration, load_calibration
+from .common import selection_from_dict, selection_to_dict
+
+HISTORY_POINTS = 50
+
+
+@dataclass
+class Allocated:
+    """The sparse model folder, its manifest and the allocation behind it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    allocation: Allocation
+
+
+def allocate(
+    calibration: str | os.PathLike | Calibration,
+    out_dir: str | os.PathLike,
+    *,
+    target: float,
+    method: str = "fcpts",
+    score: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    selection: LayerSelection | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    recalibrate_bn: bool = False,
+    progress_bar: bool = False,
+    log_every: int = 0,
+    resolved: ResolvedModel | None = None,
+    callback: Callback | None = None,
+) -> Allocated:
+    """Allocate ``target`` sparsity with ``method`` and save the sparse model to ``out_dir``.
+
+    ``score`` defaults to the one the calibration was made for, ``selection`` to the
+    calibration's layer selection (a mapping overrides only the fields it names),
+    ``settings`` to the allocator's library defaults
+    (for fcpts, ``seed`` fills its ``seed`` setting unless given). ``recalibrate_bn``
+    re-estimates BatchNorm statistics of the sparse model on the calibration batches.
+    ``log_every`` > 0 prints a progress line every that many iterations of a learned
+    method (for logs without a terminal, e.g. a pipeline step).
+    """
+    start = time.perf_counter()
+    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    info = cal.info
+    score = check_score(score or info["score"])
+    model = resolved or resolve_model(info["sources"]["model"], info["sources"].get("weights"))
+    if model.digest() != info["model"]["sha256"]:
+        raise UserError(
+            f"the model {model.source} is not the one calibrated in {cal.path} (weights differ): "
+            "rerun calibrate with this model"
+        )
+    task = make_task(info["task"])
+    if not isinstance(selection, LayerSelection):
+        selection = selection_from_dict(selection, base=selection_from_dict(info["selection"]))
+    norms = cal.input_norms
+    if needs_activations(score):
+        if norms is None:
+            raise UserError(
+                f"score {score} needs the input statistics that calibration records for "
+                "activation-aware scores: rerun calibrate with --score wanda"
+            )
+        missing = [
+            layer.name for layer in selection.find(layer_view(model)) if layer.name not in norms
+        ]
+        if missing:
+            raise UserError(
+                f"the calibration has no input statistics for layers {missing[:3]}: "
+                "rerun calibrate with the same --include/--exclude"
+            )
+    settings = dict(settings or {})
+    if method == "fcpts":
+        settings.setdefault("seed", int(seed))
+        if model.scripted:
+            raise UserError(
+                "the fcpts method learns through the model's forward pass, which TorchScript "
+                "does not allow: use --method uniform/global/erk/owl, or give module:function --weights"
+            )
+    if log_every and log_every > 0:
+        total = getattr(get_allocator(method, **settings).config, "iters", None)
+        callback = _logging_callback(int(log_every), total, callback)
+    torch.manual_seed(int(seed))
+    allocation = sparsify(
+        layer_view(model),
+        target,
+        method=method,
+        score=score,
+        task=task,
+        batches=cal.batches,
+        selection=selection,
+        settings=settings,
+        input_norms=norms,
+        device=device,
+        callback=callback,
+        progress=progress_bar,
+    )
+    model.model.to("cpu")
+    sparse = apply_allocation(model.model, allocation)
+    recalibrated = 0
+    if recalibrate_bn:
+        recalibrated = recalibrate_batchnorm(sparse, task, cal.batches)
+    extra = {
+        "sources": info["sources"],
+        "dense_model_sha256": info["model"]["sha256"],
+        "task": info["task"],
+        "seed": int(seed),
+        "selection": selection_to_dict(selection),
+        "calibration": {
+            "data": info["data"],
+            "split": info["split"],
+            "seed": info["seed"],
+            "samples": info["samples"],
+            "batch_size": info["batch_size"],
+            "tensors_sha256": info["tensors_sha256"],
+            "sample_digests": info["sample_digests"],
+        },
+        "recalibrated_batchnorm_layers": recalibrated,
+        "iterations": len(allocation.history),
+        "history": _thin(allocation.history),
+        "step_seconds": None,
+    }
+    data = manifest(allocation, extra)
+    data["step_seconds"] = round(time.perf_counter() - start, 3)
+    path = save_sparse(sparse, data, out_dir)
+    from ..sparse_model import read_manifest
+
+    return Allocated(path=path, manifest=read_manifest(path), allocation=allocation)
+
+
+def _logging_callback(every: int, total: int | None, inner: Callback | None) -> Callback:
+    def callback(iteration: int, record: dict[str, float]) -> None:
+        if (iteration + 1) % every == 0 or iteration == 0:
+            of = f"/{total}" if total else ""
+            print(
+                f"[fcpts] iteration {iteration + 1}{of}: loss {record['loss']:.4f}, "
+                f"reconstruction {record['rec_loss']:.4f}, sparsity {record['global_sparsity']:.4f}",
+                flush=True,
+            )
+        if inner is not None:
+            inner(iteration, record)
+
+    return callback
+
+
+def _thin(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """At most HISTORY_POINTS records, evenly spaced, the last one always kept."""
+    if len(history) <= HISTORY_POINTS:
+        return [dict(h, iteration=i) for i, h in enumerate(history)]
+    step = len(history) / HISTORY_POINTS
+    idx = sorted({int(i * step) for i in range(HISTORY_POINTS)} | {len(history) - 1})
+    return [dict(history[i], iteration=i) for i in idx]

@@ -1,0 +1,174 @@
+"""Helpers shared by the steps: layer selections as JSON, atomic JSON files, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..core import LayerSelection
+from ..errors import UserError
+
+FILE_MODE = 0o644  # mkstemp creates 0600; artifacts are read by other users and tools
+SELECTION_FIELDS = ("include", "exclude", "keep_dense", "bounds", "min_sparsity", "max_sparsity")
+
+
+def selection_to_dict(selection: LayerSelection) -> dict[str, Any]:
+    return {
+        "include": list(selection.include),
+        "exclude": list(selection.exclude),
+        "keep_dense": list(selection.keep_dense),
+        "bounds": {k: [float(lo), float(hi)] for k, (lo, hi) in dict(selection.bounds).items()},
+        "min_sparsity": float(selection.min_sparsity),
+        "max_sparsity": float(selection.max_sparsity),
+    }
+
+
+def _patterns(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{what} must be a list of layer-name patterns, got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _bound(value: Any, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise UserError(f"{what} must be within [0, 1], got {value}")
+    return value
+
+
+def selection_from_dict(
+    data: Mapping[str, Any] | None, base: LayerSelection | None = None
+) -> LayerSelection:
+    """A LayerSelection from JSON-like data; fields left out keep ``base``'s values."""
+    base = base or LayerSelection()
+    if not data:
+        return base
+    if not isinstance(data, Mapping):
+        raise UserError(f"a layer selection must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SELECTION_FIELDS))
+    if unknown:
+        raise UserError(
+            f"unknown layer selection field {unknown[0]!r}; fields: {', '.join(SELECTION_FIELDS)}"
+        )
+    fields: dict[str, Any] = {
+        "include": base.include,
+        "exclude": base.exclude,
+        "keep_dense": base.keep_dense,
+        "bounds": dict(base.bounds),
+        "min_sparsity": base.min_sparsity,
+        "max_sparsity": base.max_sparsity,
+    }
+    for key in ("include", "exclude", "keep_dense"):
+        if data.get(key) is not None:
+            fields[key] = _patterns(data[key], key.replace("_", "-"))
+    if data.get("bounds") is not None:
+        bounds = data["bounds"]
+        if not isinstance(bounds, Mapping):
+            raise UserError("bounds must map a layer pattern to [min, max]")
+        parsed = {}
+        for pattern, pair in bounds.items():
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise UserError(f"bounds for {pattern!r} must be [min, max], got {pair!r}")
+            parsed[str(pattern)] = (
+                _bound(pair[0], f"min for {pattern!r}"),
+                _bound(pair[1], f"max for {pattern!r}"),
+            )
+        fields["bounds"] = parsed
+    for key in ("min_sparsity", "max_sparsity"):
+        if data.get(key) is not None:
+            fields[key] = _bound(data[key], key.replace("_", "-"))
+    return LayerSelection(**fields)
+
+
+def selection_from_json(text: str | None, base: LayerSelection | None = None) -> LayerSelection:
+    """Parse a JSON selection (as KFP components receive it); empty means ``base``."""
+    if text is None or not str(text).strip():
+        return base or LayerSelection()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"the layer selection is not valid JSON ({exc})") from None
+    return selection_from_dict(data, base)
+
+
+def settings_from_json(text: str | None) -> dict[str, Any]:
+    if text is None or not str(text).strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"the allocator settings are not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError('the allocator settings must be a JSON object, e.g. {"iters": 100}')
+    return data
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, FILE_MODE)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False, default=_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def read_json(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): {hint}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a {what}: {hint}")
+    return data
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
+    """A tqdm bar on stderr when ``enabled``, else the iterable itself."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def positive_int(value: Any, what: str) -> int:
+    try:
+        ivalue = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a positive integer, got {value!r}") from None
+    if ivalue <= 0 or (isinstance(value, float) and value != ivalue):
+        raise UserError(f"{what} must be a positive integer, got {value!r}")
+    return ivalue

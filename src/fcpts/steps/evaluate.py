@@ -1,0 +1,320 @@
+"""Step 3, evaluate: compare the sparse model with the dense one on held-out data.
+
+Writes to ``out_dir``: ``metrics.json`` (the task metric for dense and sparse, the
+sparsity counted from the weights, sizes on disk, CPU latency, and the gate decision when
+a tolerance is given), ``allocation.png`` (per-layer sparsity bars with the target line),
+``report.md`` and ``report.html`` (the chart embedded).
+
+The evaluation samples come from the evaluation split of the data, disjoint from the
+calibration split: for the same data source the split uses the calibration's seed, and
+every sample's digest is compared with the calibration's, so the report states how many
+samples the two sets share (0 unless the data set holds duplicates).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import __version__, report
+from ..core import resolve_device
+from ..errors import UserError
+from ..layers import LayerSpec
+from ..metrics import (
+    count_sparsity,
+    mean_cosine,
+    neighbour_agreement,
+    outputs,
+    relative_output_mse,
+    top1,
+)
+from ..sources import (
+    ResolvedModel,
+    Sources,
+    make_task,
+    resolve_data,
+    resolve_model,
+    resolve_task,
+    sample_digests,
+    task_kind,
+)
+from ..sparse_model import load_sparse, round_half_up
+from ..tasks import ClassifierTask, EncoderTask, Task, to_device
+from . import sparse_format
+from .common import positive_int, progress, write_json
+
+FORMAT = "fcpts.metrics/1"
+METRICS_FILE = "metrics.json"
+CHART_FILE = "allocation.png"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+@dataclass
+class Evaluation:
+    path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {
+            name: self.path / f
+            for name, f in (
+                ("metrics", METRICS_FILE),
+                ("chart", CHART_FILE),
+                ("markdown", REPORT_MD),
+                ("html", REPORT_HTML),
+            )
+        }
+
+
+def evaluate(
+    sources: Sources,
+    sparse: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    tolerance: float | None = None,
+    latency_seconds: float = 1.0,
+    progress_bar: bool = False,
+    resolved: ResolvedModel | None = None,
+) -> Evaluation:
+    """Evaluate the sparse model in ``sparse`` against the dense ``sources.model``.
+
+    ``seed`` only matters for data other than the calibration's (the calibration's seed is
+    used for the same data, keeping the splits disjoint). ``tolerance``, when given, adds
+    the approval gate's decision to the metrics (see :func:`fcpts.steps.register.gate`).
+    ``latency_seconds`` is the time budget of each latency measurement.
+    """
+    start = time.perf_counter()
+    model = resolved or resolve_model(sources.model, sources.weights)
+    dense_digest = model.digest()
+    sparse_net, manifest = load_sparse(model.model, sparse)
+    if manifest.get("dense_model_sha256") and manifest["dense_model_sha256"] != dense_digest:
+        raise UserError(
+            f"the sparse model in {sparse} was made from a different dense model than {model.source} "
+            "(weights differ): evaluate against the model you allocated from"
+        )
+    data = resolve_data(sources, model)
+    if sources.task == "auto" and manifest.get("task"):
+        task = make_task(manifest["task"])
+    else:
+        task = resolve_task(sources.task, model, data)
+
+    calib = manifest.get("calibration") or {}
+    same_data = (
+        calib.get("data", {}).get("source") == data.source
+        and calib.get("data", {}).get("sha256") == data.digest
+    )
+    split_seed = int(calib.get("seed", 0)) if same_data else int(seed if seed is not None else 0)
+    n = (
+        positive_int(samples, "--evaluation-samples")
+        if samples
+        else model.defaults["evaluation_samples"]
+    )
+    bs = (
+        positive_int(batch_size, "--eval-batch-size")
+        if batch_size
+        else model.defaults["evaluation_batch_size"]
+    )
+    batches = data.split("evaluation", n, bs, split_seed)
+    digests = sample_digests(batches)
+    overlap = len(set(digests) & set(calib.get("sample_digests", [])))
+
+    dev = resolve_device(device)
+    dense_net = model.model.to(dev).eval()
+    sparse_net = sparse_net.to(dev).eval()
+    dense_out = _outputs(dense_net, task, batches, dev, progress_bar, "dense outputs")
+    sparse_out = _outputs(sparse_net, task, batches, dev, progress_bar, "sparse outputs")
+    quality = _quality(task, dense_out, sparse_out, batches)
+
+    specs = [
+        LayerSpec(name=layer["name"], kind="", shape=tuple(layer["shape"]))
+        for layer in manifest["layers"]
+    ]
+    counted = count_sparsity(sparse_net, specs)
+    layers = [
+        {
+            "name": s.name,
+            "numel": counted["layers"][s.name]["numel"],
+            "zeros": counted["layers"][s.name]["zeros"],
+            "sparsity": counted["layers"][s.name]["sparsity"],
+        }
+        for s in specs
+    ]
+    counts_match = all(
+        layer["zeros"] == m["zeros"] for layer, m in zip(layers, manifest["layers"], strict=True)
+    )
+    sparse_net.to("cpu")
+    dense_net.to("cpu")
+    size = _sizes(model.model, sparse_net, [s.param_name for s in specs])
+    latency = _latency(model.model, sparse_net, task, batches[0], latency_seconds)
+
+    target = float(manifest["target"])
+    metrics: dict[str, Any] = {
+        "format": FORMAT,
+        "fcpts_version": __version__,
+        **quality,
+        "task": task_kind(task),
+        "target": target,
+        "achieved_sparsity": counted["sparsity"],
+        "zeros": counted["zeros"],
+        "prunable": counted["prunable"],
+        "exact": counted["zeros"] == round_half_up(target * counted["prunable"]),
+        "manifest_zeros": manifest["zeros"],
+        "counts_match_manifest": counts_match,
+        "method": manifest.get("method"),
+        "score": manifest.get("score"),
+        "model": {"source": model.source, "sha256": dense_digest},
+        "sparse_model": {"path": str(Path(sparse)), "model_sha256": manifest.get("model_sha256")},
+        "evaluation": {
+            "data": data.source,
+            "split": "evaluation",
+            "seed": split_seed,
+            "samples": len(digests),
+            "batch_size": bs,
+            "calibration_samples": len(calib.get("sample_digests", [])),
+            "overlap_with_calibration": overlap,
+            "same_data_as_calibration": same_data,
+        },
+        "layers": layers,
+        "densest_layers": [layer["name"] for layer in report.densest_layers(layers, 5)],
+        "size": size,
+        "latency": latency,
+    }
+    if tolerance is not None:
+        from .register import gate
+
+        decision = gate(metrics, manifest, tolerance)
+        metrics["gate"] = decision.to_dict(tolerance)
+    metrics["step_seconds"] = round(time.perf_counter() - start, 3)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{model.source}: {manifest.get('method')} at target {target:g}"
+    report.chart(layers, target, out / CHART_FILE, title=title)
+    (out / REPORT_MD).write_text(report.render_markdown(metrics, manifest, CHART_FILE))
+    (out / REPORT_HTML).write_text(
+        report.render_html(metrics, manifest, (out / CHART_FILE).read_bytes())
+    )
+    write_json(out / METRICS_FILE, metrics)
+    return Evaluation(path=out, metrics=metrics)
+
+
+def _outputs(
+    net: nn.Module, task: Task, batches, dev, progress_bar: bool, desc: str
+) -> torch.Tensor:
+    return outputs(net, task, progress(batches, desc, progress_bar), dev)
+
+
+def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> dict[str, Any]:
+    if isinstance(task, EncoderTask):
+        return {
+            "metric": "cosine",
+            "metric_description": "mean cosine similarity of the sparse model's embeddings to the dense ones",
+            "higher_is_better": True,
+            "dense": 1.0,
+            "sparse": mean_cosine(sparse, dense),
+            "drop": 1.0 - mean_cosine(sparse, dense),
+            "secondary": {
+                "nn_agreement": {"dense": 1.0, "sparse": neighbour_agreement(dense, sparse)}
+            },
+        }
+    if isinstance(task, ClassifierTask):
+        labels = [b["y"] for b in batches if isinstance(b, Mapping) and "y" in b]
+        agree = top1(sparse, dense.argmax(-1))
+        if len(labels) == len(batches):
+            y = torch.cat(labels)
+            d, s = top1(dense, y), top1(sparse, y)
+            description = "top-1 accuracy on the labelled evaluation samples"
+        else:
+            d, s = 1.0, agree
+            description = (
+                "top-1 agreement with the dense model's predictions (the data has no labels)"
+            )
+        return {
+            "metric": "top1",
+            "metric_description": description,
+            "higher_is_better": True,
+            "dense": d,
+            "sparse": s,
+            "drop": d - s,
+            "secondary": {"agreement_with_dense": {"dense": 1.0, "sparse": agree}},
+        }
+    mse = relative_output_mse(dense, sparse)
+    return {
+        "metric": "relative_mse",
+        "metric_description": "||sparse - dense||^2 / ||dense||^2 over the evaluation outputs",
+        "higher_is_better": False,
+        "dense": 0.0,
+        "sparse": mse,
+        "drop": mse,
+        "secondary": {
+            "cosine": {"dense": 1.0, "sparse": mean_cosine(sparse.flatten(1), dense.flatten(1))}
+        },
+    }
+
+
+def _sizes(dense: nn.Module, sparse: nn.Module, sparse_params: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fcpts-size-") as tmp:
+        dense_path = Path(tmp) / "dense.safetensors"
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in dense.state_dict().items()}
+        save_file(state, str(dense_path))
+        dense_bytes = dense_path.stat().st_size
+        del state
+        sparse_bytes = sparse_format.save_packed(
+            sparse.state_dict(), sparse_params, Path(tmp) / "sparse.safetensors"
+        )
+    return {
+        "format": sparse_format.FORMAT_NAME,
+        "format_description": sparse_format.FORMAT_DESCRIPTION,
+        "dense_format": "safetensors (dense)",
+        "dense_bytes": dense_bytes,
+        "sparse_bytes": sparse_bytes,
+        "ratio": dense_bytes / sparse_bytes,
+    }
+
+
+@torch.no_grad()
+def _latency(
+    dense: nn.Module, sparse: nn.Module, task: Task, batch: Any, budget: float
+) -> dict[str, Any]:
+    """Median CPU wall time of one forward pass on one evaluation batch, dense and sparse
+    measured alternately so that machine load affects both alike."""
+    batch = to_device(batch, "cpu")
+    nets = {"dense": dense.cpu().eval(), "sparse": sparse.cpu().eval()}
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for net in nets.values():  # warm-up
+        task.run(net, batch)
+    deadline = time.perf_counter() + max(0.0, budget)
+    while True:
+        for name, net in nets.items():
+            t = time.perf_counter()
+            task.run(net, batch)
+            times[name].append(time.perf_counter() - t)
+        if (len(times["dense"]) >= 3 and time.perf_counter() >= deadline) or len(
+            times["dense"]
+        ) >= 200:
+            break
+    return {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "batch_size": task.batch_size(batch),
+        "runs": len(times["dense"]),
+        "dense_ms": 1000 * statistics.median(times["dense"]),
+        "sparse_ms": 1000 * statistics.median(times["sparse"]),
+        "kernels": "dense kernels; unstructured zeros are not skipped",
+    }

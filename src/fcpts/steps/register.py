@@ -1,0 +1,259 @@
+"""Step 4, register: the approval gate, its recorded decision, and a pluggable registry.
+
+:func:`gate` is pure: metrics + manifest + tolerance in, a :class:`Decision` out. It
+approves a sparse model when (a) the quality drop versus dense is within the tolerance
+(in the metric's own units: top-1 points, cosine, relative MSE), (b) the sparsity counted
+from the weights is exactly the target (``round(target x N)`` zeros of ``N`` prunable
+weights) and (c) the metrics describe this very sparse model (same sha256).
+
+:func:`register` applies the gate, writes ``decision.json`` with the reasons, and when
+approved hands the model to a registry: any callable ``registry(request) -> dict | None``
+(``request`` is a :class:`RegistryRequest`), or a ``"module:function"`` string naming one.
+With no registry the decision is recorded only. The MLflow registry plugs in here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import FcptsError, ServiceError, UserError
+from ..sparse_model import read_manifest, round_half_up
+from .common import read_json, write_json
+
+FORMAT = "fcpts.decision/1"
+DECISION_FILE = "decision.json"
+REGISTRY_ENV = "FCPTS_REGISTRY"
+
+
+@dataclass
+class Decision:
+    approved: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self, tolerance: float | None = None) -> dict[str, Any]:
+        return {"approved": self.approved, "reasons": list(self.reasons), "tolerance": tolerance}
+
+
+def _number(data: Mapping[str, Any], key: str, where: str) -> float:
+    if key not in data:
+        raise UserError(f"{where} has no {key!r}: rerun `fcpts evaluate` to write complete metrics")
+    try:
+        return float(data[key])
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {key!r} must be a number, got {data[key]!r}") from None
+
+
+def check_tolerance(tolerance: Any) -> float:
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise UserError(f"--tolerance must be a number >= 0, got {tolerance!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(
+            f"--tolerance must be a finite number >= 0 (allowed quality drop), got {tolerance}"
+        )
+    return value
+
+
+def gate(metrics: Mapping[str, Any], manifest: Mapping[str, Any], tolerance: float) -> Decision:
+    """Approve or reject, with one reason per check (passed or failed)."""
+    tolerance = check_tolerance(tolerance)
+    if not isinstance(metrics, Mapping) or "metric" not in metrics:
+        raise UserError(
+            "the metrics have no 'metric': give the metrics.json written by `fcpts evaluate`"
+        )
+    name = str(metrics["metric"])
+    dense = _number(metrics, "dense", "the metrics")
+    sparse = _number(metrics, "sparse", "the metrics")
+    target = _number(manifest, "target", "the manifest")
+    higher = bool(metrics.get("higher_is_better", True))
+    reasons: list[str] = []
+    approved = True
+
+    drop = dense - sparse if higher else sparse - dense
+    if not (math.isfinite(dense) and math.isfinite(sparse)):
+        approved = False
+        reasons.append(f"quality: {name} is not finite (dense {dense}, sparse {sparse}): rejected")
+    elif drop <= tolerance + 1e-12:
+        reasons.append(
+            f"quality: {name} {sparse:.4f} vs dense {dense:.4f}, drop {drop:.4f} <= tolerance {tolerance:g}"
+        )
+    else:
+        approved = False
+        reasons.append(
+            f"quality: {name} {sparse:.4f} vs dense {dense:.4f}, drop {drop:.4f} > tolerance {tolerance:g}"
+        )
+
+    if "zeros" in metrics and "prunable" in metrics:
+        zeros, prunable = int(metrics["zeros"]), int(metrics["prunable"])
+        expected = round_half_up(target * prunable)
+        achieved = zeros / prunable if prunable else float("nan")
+        if zeros == expected:
+            reasons.append(
+                f"sparsity: {zeros:,} of {prunable:,} weights are zero ({achieved:.6f}), "
+                f"exactly round({target:g} x {prunable:,})"
+            )
+        else:
+            approved = False
+            reasons.append(
+                f"sparsity: {zeros:,} of {prunable:,} weights are zero ({achieved:.6f}), "
+                f"not the {expected:,} that target {target:g} asks for"
+            )
+    else:
+        achieved = _number(metrics, "achieved_sparsity", "the metrics")
+        if abs(achieved - target) <= 0.5 / max(1, int(manifest.get("prunable", 1))):
+            reasons.append(f"sparsity: achieved {achieved:.6f} equals target {target:g}")
+        else:
+            approved = False
+            reasons.append(f"sparsity: achieved {achieved:.6f} differs from target {target:g}")
+
+    measured = (metrics.get("sparse_model") or {}).get("model_sha256")
+    saved = manifest.get("model_sha256")
+    if measured and saved and measured != saved:
+        approved = False
+        reasons.append(
+            "identity: the metrics were measured on a different sparse model than this manifest's"
+        )
+    elif measured and saved:
+        reasons.append(
+            f"identity: metrics and manifest describe the same weights (sha256 {saved[:12]})"
+        )
+    return Decision(approved=approved, reasons=reasons)
+
+
+@dataclass
+class RegistryRequest:
+    """What a registry receives for an approved model."""
+
+    name: str
+    sparse_dir: Path
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    decision: Decision
+
+
+Registry = Callable[[RegistryRequest], Mapping[str, Any] | None]
+
+
+def load_registry(spec: str | Registry | None) -> tuple[Registry | None, str | None]:
+    """A registry from a callable, a ``"module:function"`` string, or ``$FCPTS_REGISTRY``."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        spec = os.environ.get(REGISTRY_ENV) or None
+    if spec is None:
+        return None, None
+    if callable(spec):
+        return spec, getattr(spec, "__qualname__", repr(spec))
+    module, sep, function = spec.strip().partition(":")
+    if not sep or not module or not function:
+        raise UserError(f"--registry must be module:function, got {spec!r}")
+    import importlib
+
+    try:
+        target: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(f"registry module {module!r} cannot be imported ({exc})") from None
+    for part in function.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"registry module {module} has no {function!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"registry {spec} is not callable")
+    return target, spec.strip()
+
+
+@dataclass
+class Registration:
+    path: Path
+    decision: Decision
+    record: dict[str, Any]
+
+
+def _load_metrics(metrics: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    path = Path(metrics)
+    if path.is_dir():
+        path = path / "metrics.json"
+    return read_json(
+        path, "metrics file", "point --metrics to the --out folder of `fcpts evaluate`"
+    )
+
+
+def register(
+    metrics: str | os.PathLike | Mapping[str, Any],
+    sparse: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tolerance: float,
+    registry: str | Registry | None = None,
+    name: str | None = None,
+) -> Registration:
+    """Gate the sparse model, record ``decision.json`` in ``out_dir``, register if approved."""
+    start = time.perf_counter()
+    tolerance = check_tolerance(tolerance)
+    data = _load_metrics(metrics)
+    manifest = read_manifest(sparse)
+    decision = gate(data, manifest, tolerance)
+    fn, registry_name = load_registry(registry)
+    sources = manifest.get("sources") or {}
+    model_name = name or _default_name(str(sources.get("model", "model")), manifest)
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        **decision.to_dict(tolerance),
+        "name": model_name,
+        "metric": data.get("metric"),
+        "dense": data.get("dense"),
+        "sparse": data.get("sparse"),
+        "target": manifest.get("target"),
+        "achieved_sparsity": data.get("achieved_sparsity"),
+        "method": manifest.get("method"),
+        "sparse_model": {"path": str(Path(sparse)), "model_sha256": manifest.get("model_sha256")},
+        "registry": registry_name,
+        "registration": None,
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / DECISION_FILE
+    record["step_seconds"] = round(time.perf_counter() - start, 3)
+    write_json(path, record)
+    if decision.approved and fn is not None:
+        request = RegistryRequest(model_name, Path(sparse), manifest, data, decision)
+        try:
+            result = fn(request)
+        except FcptsError as exc:
+            record["registration"] = {
+                "status": "failed",
+                "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            }
+            write_json(path, record)
+            raise
+        except Exception as exc:
+            record["registration"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            write_json(path, record)
+            raise ServiceError(
+                f"registry {registry_name} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        record["registration"] = {"status": "registered", **dict(result or {})}
+    elif decision.approved:
+        record["registration"] = {
+            "status": "not registered: no registry configured (decision recorded only)"
+        }
+    else:
+        record["registration"] = {"status": "not registered: rejected by the gate"}
+    record["step_seconds"] = round(time.perf_counter() - start, 3)
+    write_json(path, record)
+    return Registration(path=path, decision=decision, record=record)
+
+
+def _default_name(source: str, manifest: Mapping[str, Any]) -> str:
+    base = source.removeprefix("demo:").rstrip("/").split("/")[-1].split(":")[-1] or "model"
+    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base)
+    return f"{base}-{manifest.get('method', 'sparse')}-{float(manifest.get('target', 0)):g}"
