@@ -1,0 +1,61 @@
+"""allocate: run an allocator on the calibration artifact; output the sparse model."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from .. import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def allocate(
+    calibration: Input[Dataset],
+    sparse_model: Output[Model],
+    target: float = 0.5,
+    method: str = "fcpts",
+    score: str = "",
+    settings: str = "{}",
+    selection: str = "",
+    seed: int = 0,
+    recalibrate_bn: bool = False,
+    device: str = "auto",
+    log_every: int = 20,
+):
+    """Allocate ``target`` sparsity with ``method`` (uniform, global, erk, owl, fcpts) and
+    write the sparse model folder: model.safetensors (the whole state_dict) and
+    manifest.json. ``settings`` is a JSON object of allocator settings (e.g.
+    {"iters": 100}); an empty ``score`` or ``selection`` keeps the calibration's.
+    """
+    import json
+    import time
+
+    started = time.time()
+    from fcpts.steps import allocate as allocate_step
+    from fcpts.steps import settings_from_json
+
+    result = allocate_step(
+        calibration.path,
+        sparse_model.path,
+        target=target,
+        method=method,
+        score=score or None,
+        settings=settings_from_json(settings),
+        selection=json.loads(selection) if selection else None,
+        seed=seed,
+        device=device,
+        recalibrate_bn=recalibrate_bn,
+        log_every=log_every,
+    )
+    m = result.manifest
+    sparse_model.metadata.update(
+        {
+            "target": m["target"],
+            "achieved_sparsity": m["achieved_sparsity"],
+            "zeros": m["zeros"],
+            "prunable": m["prunable"],
+            "method": m["method"],
+            "score": m["score"],
+            "model_sha256": m["model_sha256"],
+            "step_seconds": m["step_seconds"],
+            "wall_seconds": round(time.time() - started, 3),
+        }
+    )
