@@ -58,7 +58,7 @@ def sparsify(
     model: nn.Module,
     target: float,
     method: str = "fcpts",
-    score: str = "magnitude",
+    score: str = "auto",
     task: Task | None = None,
     batches: Sequence[Any] | None = None,
     selection: LayerSelection | None = None,
@@ -70,11 +70,15 @@ def sparsify(
 ) -> Allocation:
     """Allocate ``target`` sparsity over the prunable layers of ``model``.
 
-    Returns masks and figures; the model itself is not modified (use
+    ``score="auto"`` means wanda when a task and calibration batches are given, else
+    magnitude. Returns masks and figures; the model itself is not modified (use
     :func:`fcpts.sparse_model.apply_allocation`). Activation-aware scores and the learned
     method need ``task`` and calibration ``batches``.
     """
     target = check_target(target)
+    if score == "auto":
+        # the benchmark's best variant: activation-aware scores whenever data is at hand
+        score = "wanda" if task is not None and batches else "magnitude"
     check_score(score)
     allocator = get_allocator(method, **dict(settings or {}))
     selection = selection or LayerSelection()

@@ -7,11 +7,14 @@ through the KDE bridge, and the loss is
 
     L = L_rec(sparse, dense) + lam * |S(t) - S*|      (or squared)
 
-L_rec compares the masked network with the frozen dense one on the calibration batches
+L_rec is divided by its first value (``normalize``), so lam means the same on any model;
+with ``lam_adapt`` lam grows by 5% per iteration while |S - S*| exceeds ``tolerance`` and
+relaxes back to its set value after. L_rec compares the masked network with the frozen dense one on the calibration batches
 (the task's output and, optionally, block outputs). With ``ste=True`` the hard mask
 1[m > t] passes gradients to t through a sigmoid surrogate of width ``ste_width`` KDE
 bandwidths; with ``ste=False`` only L_c moves the thresholds (the official code).
-``joint=True`` also reconstructs the kept weights, biases and norms at ``weight_lr``.
+``joint=True`` also reconstructs the kept weights, biases and norms at ``weight_lr``
+(cosine-annealed with the threshold learning rate by default).
 The thresholds are initialised from ERK or uniform and finally landed exactly.
 """
 
@@ -57,9 +60,11 @@ class FCPTS(Allocator):
     class Config:
         iters: int = 200
         lam: float = 1.0
+        lam_adapt: bool = True
+        tolerance: float = 0.002
         constraint: str = "l1"
         lr: float = 0.05
-        weight_lr: float = 1e-4
+        weight_lr: float = 2e-3
         joint: bool = True
         learn_thresholds: bool = True
         ste: bool = True
@@ -71,7 +76,7 @@ class FCPTS(Allocator):
         block_weight: float = 1.0
         output_weight: float = 1.0
         normalize: bool = True
-        schedule: str = "constant"
+        schedule: str = "cosine"
         seed: int = 0
 
         def __post_init__(self) -> None:
@@ -81,6 +86,7 @@ class FCPTS(Allocator):
 
             need(int(self.iters) == self.iters and self.iters >= 0, f"iters must be an integer >= 0, got {self.iters}")
             need(self.lam >= 0, f"lam must be >= 0 (weight of the sparsity constraint), got {self.lam}")
+            need(self.tolerance > 0, f"tolerance must be > 0 (allowed |S - S*| before lam grows), got {self.tolerance}")
             need(self.constraint in ("l1", "l2"), f"constraint must be 'l1' or 'l2', got {self.constraint!r}")
             need(self.lr > 0, f"lr must be > 0 (threshold learning rate, e.g. 0.05), got {self.lr}")
             need(self.weight_lr >= 0, f"weight_lr must be >= 0, got {self.weight_lr}")
@@ -181,6 +187,7 @@ class FCPTS(Allocator):
         fixed_zeros = 0.0  # keep-dense layers contribute no zeros
         history: list[dict[str, float]] = []
         rec_scale: float | None = None
+        lam = cfg.lam
         bar = tqdm(range(cfg.iters), desc=f"fcpts {problem.target:.0%}", disable=not problem.progress, leave=False)
         for it in bar:
             i = it % len(batches)
@@ -217,7 +224,7 @@ class FCPTS(Allocator):
             if rec_scale is None:
                 # the first reconstruction loss sets the unit, so lam means the same on any model
                 rec_scale = l_rec.item() if cfg.normalize and l_rec.item() > 0 else 1.0
-            loss = l_rec / rec_scale + cfg.lam * l_c
+            loss = l_rec / rec_scale + lam * l_c
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -225,7 +232,11 @@ class FCPTS(Allocator):
                 scheduler.step()
             with torch.no_grad():
                 theta.copy_(torch.maximum(torch.minimum(theta, hi_t), lo_t))
+            if cfg.lam_adapt:
+                # dual-ascent-like: lam grows while the sparsity is off target, relaxes back after
+                lam = lam * 1.05 if abs(gap.item()) > cfg.tolerance else max(cfg.lam, lam / 1.05)
             record = {
+                "lam": lam,
                 "loss": loss.item(),
                 "rec_loss": l_rec.item(),
                 "constraint_loss": l_c.item(),

@@ -67,5 +67,5 @@ def load() -> Demo:
         task=EncoderTask(),
         split=partial(_split, tokenizer, corpus),
         selection=LayerSelection(exclude=("pooler.*",)),
-        defaults={"calibration_samples": 256, "evaluation_samples": 512, "batch_size": 32},
+        defaults={"calibration_samples": 512, "evaluation_samples": 512, "batch_size": 16},
     )
