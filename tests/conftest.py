@@ -68,3 +68,56 @@ def mlflow_pg_s3_server(tmp_path_factory, postgres, moto_server):
     )
     with svc:
         yield svc
+
+
+# --- pipeline fixtures ---
+# Steps, CLI, components and the KFP pipeline (tests/test_steps.py, test_cli.py,
+# test_pipeline.py, test_components.py). Small digits-CNN settings keep them fast.
+
+import subprocess  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# As the fcpts CLI does: OpenMP threads sleep rather than spin while waiting. On this
+# shared 2-core machine spinning threads of parallel processes slowed torch 3-5x. Set
+# before any test module imports torch, so it applies to the whole session.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def run_fcpts(*args, cwd=None, timeout=300, env=None):
+    """Run the installed ``fcpts`` CLI in a subprocess; returns the CompletedProcess."""
+    full_env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
+    full_env.update(env or {})
+    exe = Path(sys.executable).with_name("fcpts")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fcpts.cli"]
+    return subprocess.run(
+        cmd + [str(a) for a in args],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_calibration(tmp_path_factory):
+    """A wanda-ready calibration artifact of demo:digits-cnn (96 samples, batches of 32)."""
+    from fcpts.steps import Sources, calibrate
+
+    out = tmp_path_factory.mktemp("digits-calibration")
+    return calibrate(
+        Sources(model="demo:digits-cnn"), out, score="wanda", samples=96, batch_size=32
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_sparse(tmp_path_factory, digits_calibration):
+    """demo:digits-cnn allocated at 0.7 with a short fcpts run."""
+    from fcpts.steps import allocate
+
+    out = tmp_path_factory.mktemp("digits-sparse")
+    return allocate(
+        digits_calibration.path, out, target=0.7, method="fcpts", settings={"iters": 10}
+    )

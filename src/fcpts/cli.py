@@ -25,6 +25,7 @@ from .errors import FcptsError, UserError
 PROG = "fcpts"
 RUN_DEFAULT_TARGET = 0.5
 RUN_DEFAULT_ITERS = 200
+LIBRARY_ITERS = 200  # fcpts.alloc.fcpts.FCPTS.Config.iters
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_ROOT = "runs"
 DEFAULT_PIPELINE_FILE = "sparsify_pipeline.yaml"
@@ -966,7 +967,8 @@ class _PipelineLog:
             self.finished[m[1]] = (now, m[2])
             if not self.verbose:
                 took = now - self.started.get(m[1], now)
-                _say(f"{self._label(m[1])} {m[2].lower()} in {took:.1f} s")
+                verdict = "done" if m[2] == "SUCCESS" else m[2]
+                _say(f"{self._label(m[1])} {verdict} in {took:.1f} s")
         elif m := _CACHED.search(line):
             self.cached.add(m[1])
             if not self.verbose:
@@ -1184,6 +1186,12 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads that sleep instead of spinning while they wait: on a shared or
+    # CPU-limited machine (a busy laptop, a pod with a CPU limit) spinning threads of
+    # several processes starve each other, and torch on 2 busy cores ran fcpts 3-5x
+    # slower. Costs little on an idle machine; export OMP_WAIT_POLICY=ACTIVE to opt out.
+    # Takes effect because no command has imported torch yet (the steps inherit it).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

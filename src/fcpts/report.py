@@ -321,6 +321,9 @@ def summary(
         if reg:
             rows.append(("registry", ", ".join(f"{k}={v}" for k, v in reg.items())))
     if timings:
+        rows.append(
+            ("wall time", "per step: a fresh process each (imports, model loading, the work)")
+        )
         total = None
         for name, seconds, note in timings:
             if name == "total":

@@ -8,6 +8,7 @@ data came from, so evaluation can reload the dense model and stay disjoint).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from ..scores import check_score, needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
 from .calibrate import Calibration, load_calibration
-from .common import selection_from_dict, selection_to_dict
+from .common import move, selection_from_dict, selection_to_dict
 
 HISTORY_POINTS = 50
 
@@ -121,8 +122,8 @@ def allocate(
         callback=callback,
         progress=progress_bar,
     )
-    model.model.to("cpu")
-    sparse = apply_allocation(model.model, allocation)
+    move(model.model, "cpu")
+    sparse = _apply(model, allocation)
     recalibrated = 0
     if recalibrate_bn:
         recalibrated = recalibrate_batchnorm(sparse, task, cal.batches)
@@ -152,6 +153,20 @@ def allocate(
     from ..sparse_model import read_manifest
 
     return Allocated(path=path, manifest=read_manifest(path), allocation=allocation)
+
+
+def _apply(model: ResolvedModel, allocation: Allocation):
+    """The sparse copy of the model. TorchScript modules have no get_submodule, which
+    apply_allocation uses: their pruned weights are masked through named_parameters."""
+    if not model.scripted:
+        return apply_allocation(model.model, allocation)
+    sparse = copy.deepcopy(model.model)
+    params = dict(sparse.named_parameters())
+    with torch.no_grad():
+        for layer in allocation.layers:
+            weight = params[f"{layer.name}.weight"]
+            weight.mul_(allocation.masks[layer.name].to(weight.device, weight.dtype))
+    return sparse
 
 
 def _logging_callback(every: int, total: int | None, inner: Callback | None) -> Callback:

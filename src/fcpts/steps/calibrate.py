@@ -42,6 +42,7 @@ from ..sparse_model import sha256_file
 from ..tasks import Task, to_device
 from .common import (
     FILE_MODE,
+    move,
     positive_int,
     progress,
     read_json,
@@ -117,7 +118,7 @@ def calibrate(
     if not batches:
         raise UserError(f"the calibration split of {data.source} is empty")
     dev = resolve_device(device)
-    net = model.model.to(dev).eval()
+    net = move(model.model, dev).eval()
     check_fit(net, task, to_device(batches[0], dev), data)
 
     reference = _reference_outputs(net, task, batches, dev, progress_bar)
@@ -130,7 +131,7 @@ def calibrate(
             task.run,
         )
         norms = {k: v.float().cpu() for k, v in norms.items()}
-    model.model.to("cpu")
+    move(model.model, "cpu")
 
     tensors = _flatten(batches, reference, norms)
     out = Path(out_dir)

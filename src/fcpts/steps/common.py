@@ -172,3 +172,15 @@ def positive_int(value: Any, what: str) -> int:
     if ivalue <= 0 or (isinstance(value, float) and value != ivalue):
         raise UserError(f"{what} must be a positive integer, got {value!r}")
     return ivalue
+
+
+def move(module, device):
+    """``module.to(device)`` unless it is already there (models load on the CPU; moving a
+    TorchScript module to where it already is warns about .grad of non-leaf tensors)."""
+    import torch
+
+    device = torch.device(device)
+    current = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if current.type == device.type and (device.index is None or current.index == device.index):
+        return module
+    return module.to(device)

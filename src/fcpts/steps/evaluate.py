@@ -29,9 +29,7 @@ from torch import nn
 from .. import __version__, report
 from ..core import resolve_device
 from ..errors import UserError
-from ..layers import LayerSpec
 from ..metrics import (
-    count_sparsity,
     mean_cosine,
     neighbour_agreement,
     outputs,
@@ -51,7 +49,7 @@ from ..sources import (
 from ..sparse_model import load_sparse, round_half_up
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
-from .common import positive_int, progress, write_json
+from .common import move, positive_int, progress, write_json
 
 FORMAT = "fcpts.metrics/1"
 METRICS_FILE = "metrics.json"
@@ -135,32 +133,24 @@ def evaluate(
     overlap = len(set(digests) & set(calib.get("sample_digests", [])))
 
     dev = resolve_device(device)
-    dense_net = model.model.to(dev).eval()
-    sparse_net = sparse_net.to(dev).eval()
+    dense_net = move(model.model, dev).eval()
+    sparse_net = move(sparse_net, dev).eval()
     dense_out = _outputs(dense_net, task, batches, dev, progress_bar, "dense outputs")
     sparse_out = _outputs(sparse_net, task, batches, dev, progress_bar, "sparse outputs")
     quality = _quality(task, dense_out, sparse_out, batches)
 
-    specs = [
-        LayerSpec(name=layer["name"], kind="", shape=tuple(layer["shape"]))
-        for layer in manifest["layers"]
-    ]
-    counted = count_sparsity(sparse_net, specs)
-    layers = [
-        {
-            "name": s.name,
-            "numel": counted["layers"][s.name]["numel"],
-            "zeros": counted["layers"][s.name]["zeros"],
-            "sparsity": counted["layers"][s.name]["sparsity"],
-        }
-        for s in specs
-    ]
+    layers = _count_zeros(sparse_net, manifest["layers"])
+    counted = {
+        "zeros": sum(layer["zeros"] for layer in layers),
+        "prunable": sum(layer["numel"] for layer in layers),
+    }
+    counted["sparsity"] = counted["zeros"] / counted["prunable"]
     counts_match = all(
         layer["zeros"] == m["zeros"] for layer, m in zip(layers, manifest["layers"], strict=True)
     )
-    sparse_net.to("cpu")
-    dense_net.to("cpu")
-    size = _sizes(model.model, sparse_net, [s.param_name for s in specs])
+    sparse_net = move(sparse_net, "cpu")
+    move(dense_net, "cpu")
+    size = _sizes(model.model, sparse_net, [f"{layer['name']}.weight" for layer in layers])
     latency = _latency(model.model, sparse_net, task, batches[0], latency_seconds)
 
     target = float(manifest["target"])
@@ -212,6 +202,25 @@ def evaluate(
     )
     write_json(out / METRICS_FILE, metrics)
     return Evaluation(path=out, metrics=metrics)
+
+
+@torch.no_grad()
+def _count_zeros(net: nn.Module, manifest_layers) -> list[dict[str, Any]]:
+    """Zeros per prunable layer, counted from the weights (state_dict names work for
+    TorchScript modules too)."""
+    state = net.state_dict()
+    out = []
+    for layer in manifest_layers:
+        name = layer["name"]
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            raise UserError(f"the sparse model has no weight {key!r} that its manifest lists")
+        w = state[key]
+        zeros = int((w == 0).sum())
+        out.append(
+            {"name": name, "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+        )
+    return out
 
 
 def _outputs(
@@ -295,7 +304,7 @@ def _latency(
     """Median CPU wall time of one forward pass on one evaluation batch, dense and sparse
     measured alternately so that machine load affects both alike."""
     batch = to_device(batch, "cpu")
-    nets = {"dense": dense.cpu().eval(), "sparse": sparse.cpu().eval()}
+    nets = {"dense": move(dense, "cpu").eval(), "sparse": move(sparse, "cpu").eval()}
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
     for net in nets.values():  # warm-up
         task.run(net, batch)
