@@ -1,6 +1,7 @@
 """The pipeline's step functions on real models and every kind of source."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -116,8 +117,17 @@ def test_allocate_refuses_a_different_model(digits_calibration, tmp_path):
 
 
 def test_wanda_needs_statistics(tmp_path):
-    cal = calibrate(Sources(model="demo:digits-cnn"), tmp_path / "cal", samples=32, batch_size=32)
-    assert cal.input_norms is None
+    cal = calibrate(
+        Sources(model="demo:digits-cnn"),
+        tmp_path / "cal",
+        samples=32,
+        batch_size=32,
+        score="magnitude",
+    )
+    assert cal.input_norms is None and cal.info["score"] == "magnitude"
+    # auto, the default, is wanda: calibration data is always at hand in the steps
+    auto = calibrate(Sources(model="demo:digits-cnn"), tmp_path / "auto", samples=32, batch_size=32)
+    assert auto.info["score"] == "wanda" and auto.input_norms is not None
     with pytest.raises(UserError, match="rerun calibrate with --score wanda"):
         allocate(cal.path, tmp_path / "out", target=0.5, method="uniform", score="wanda")
 
@@ -176,15 +186,20 @@ def test_evaluate_and_register(digits_sparse, tmp_path):
         == "failed"
     )
 
+    calls.clear()
+    worse = dict(m, sparse=m["dense"] - 0.5, drop=0.5)  # far outside any tolerance
     rejected = register(
-        m,
-        digits_sparse.path,
-        tmp_path / "reg3",
-        tolerance=0.0,
-        registry=lambda r: pytest.fail("a rejected model must not be registered"),
+        worse, digits_sparse.path, tmp_path / "reg3", tolerance=0.1, registry=registry
     )
-    if m["drop"] > 0:
-        assert not rejected.decision.approved
+    assert not rejected.decision.approved and "> tolerance" in rejected.decision.reasons[0]
+    assert (
+        len(calls) == 1 and calls[0].decision is rejected.decision
+    )  # told, to record the rejection
+    record = json.loads((tmp_path / "reg3" / "decision.json").read_text())
+    assert record["approved"] is False
+    assert record["registration"]["status"] == "rejection recorded by the registry"
+    nothing = register(m, digits_sparse.path, tmp_path / "reg4", tolerance=1.0)
+    assert "no registry configured" in nothing.record["registration"]["status"]
 
 
 def _metrics(**kw):
@@ -247,7 +262,6 @@ def test_demo_splits_are_disjoint():
 
 
 @pytest.fixture(scope="module")
-@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 def digits_files(tmp_path_factory):
     """The digits demo as user files: weights (safetensors and .pt), tensors, images, TorchScript."""
     from PIL import Image
@@ -272,7 +286,9 @@ def digits_files(tmp_path_factory):
         Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), mode="L").save(
             folder / f"{i}.png"
         )
-    torch.jit.script(model).save(str(root / "digits.ts"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
+        torch.jit.script(model).save(str(root / "digits.ts"))
     return root
 
 

@@ -13,7 +13,7 @@ def calibrate(
     data: str = "",
     weights: str = "",
     task: str = "auto",
-    score: str = "magnitude",
+    score: str = "auto",
     samples: int = 0,
     batch_size: int = 0,
     seed: int = 0,

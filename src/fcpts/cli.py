@@ -48,7 +48,7 @@ DATA_HELP = (
 # ----------------------------------------------------------------------------- parser
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class _Formatter(argparse.HelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
 
@@ -126,11 +126,12 @@ def _add_calibration(p: argparse.ArgumentParser, score_help: str | None = None) 
     g = p.add_argument_group("calibration")
     g.add_argument(
         "--score",
-        choices=("magnitude", "wanda"),
+        choices=("auto", "magnitude", "wanda"),
         default=None,
         help=score_help
-        or "importance score: magnitude |w|, or wanda |w|*||x|| (activation-aware: "
-        "calibration records per-layer input statistics) (default: magnitude)",
+        or "importance score: magnitude |w|, or wanda |w|*||x|| (activation-aware: calibration "
+        "records per-layer input statistics); auto, the library's default, is wanda whenever there "
+        "is calibration data, which there always is here (default: auto)",
     )
     g.add_argument(
         "--calibration-samples",
@@ -139,7 +140,7 @@ def _add_calibration(p: argparse.ArgumentParser, score_help: str | None = None) 
         type=int,
         default=None,
         metavar="N",
-        help="calibration samples (default: the source's: 256 MiniLM sentences, "
+        help="calibration samples (default: the source's: 512 MiniLM sentences, "
         "300 digits, 256 otherwise)",
     )
     g.add_argument(
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(
         p,
         score_help="importance score: magnitude or wanda (default: the calibration's; "
-        "magnitude when calibrating on the fly)",
+        "auto, i.e. wanda, when calibrating on the fly)",
     )
     _add_allocator(p, target_default=None)
     _add_selection(p)
@@ -711,7 +712,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(
         _sources(args),
         args.out,
-        score=_get(args, "score", "magnitude"),
+        score=_get(args, "score", "auto"),
         samples=args.calibration_samples,
         batch_size=args.batch_size,
         seed=_get(args, "seed", 0),
@@ -775,7 +776,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             cal = calibrate(
                 _sources(args),
                 tmp,
-                score=_get(args, "score", "magnitude"),
+                score=_get(args, "score", "auto"),
                 samples=args.calibration_samples,
                 batch_size=args.batch_size,
                 seed=common["seed"],
@@ -807,7 +808,7 @@ def _check_allocation_options(
 
     check_target(target)
     get_allocator(method, **settings)  # unknown method or setting: a UserError naming the choices
-    if score is not None:
+    if score not in (None, "auto"):
         check_score(score)
 
 
@@ -1059,7 +1060,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "task": _get(args, "task", "auto"),
         "target": float(args.target),
         "method": _get(args, "method", "fcpts"),
-        "score": _get(args, "score", "magnitude"),
+        "score": _get(args, "score", "auto"),
         "settings": json.dumps(settings),
         "selection": json.dumps(selection_overrides(args)) if selection_overrides(args) else "",
         "calibration_samples": args.calibration_samples or 0,

@@ -23,11 +23,11 @@ from ..alloc.base import Callback
 from ..core import LayerSelection, sparsify
 from ..errors import UserError
 from ..metrics import recalibrate_batchnorm
-from ..scores import check_score, needs_activations
+from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
 from .calibrate import Calibration, load_calibration
-from .common import move, selection_from_dict, selection_to_dict
+from .common import move, resolve_score, selection_from_dict, selection_to_dict
 
 HISTORY_POINTS = 50
 
@@ -60,7 +60,7 @@ def allocate(
 ) -> Allocated:
     """Allocate ``target`` sparsity with ``method`` and save the sparse model to ``out_dir``.
 
-    ``score`` defaults to the one the calibration was made for, ``selection`` to the
+    ``score`` defaults (``None`` or ``auto``) to the one the calibration was made for, ``selection`` to the
     calibration's layer selection (a mapping overrides only the fields it names),
     ``settings`` to the allocator's library defaults
     (for fcpts, ``seed`` fills its ``seed`` setting unless given). ``recalibrate_bn``
@@ -71,7 +71,7 @@ def allocate(
     start = time.perf_counter()
     cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
     info = cal.info
-    score = check_score(score or info["score"])
+    score = resolve_score(score, default=info["score"])
     model = resolved or resolve_model(info["sources"]["model"], info["sources"].get("weights"))
     if model.digest() != info["model"]["sha256"]:
         raise UserError(

@@ -26,7 +26,7 @@ from .. import __version__
 from ..core import LayerSelection, resolve_device
 from ..errors import UserError
 from ..metrics import outputs
-from ..scores import check_score, collect_input_norms, needs_activations
+from ..scores import collect_input_norms, needs_activations
 from ..sources import (
     ResolvedModel,
     Sources,
@@ -46,6 +46,7 @@ from .common import (
     positive_int,
     progress,
     read_json,
+    resolve_score,
     selection_from_dict,
     selection_to_dict,
     write_json,
@@ -75,7 +76,7 @@ def calibrate(
     sources: Sources,
     out_dir: str | os.PathLike,
     *,
-    score: str = "magnitude",
+    score: str = "auto",
     samples: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
@@ -86,14 +87,18 @@ def calibrate(
 ) -> Calibration:
     """Write a calibration artifact for ``sources`` to ``out_dir`` and return it.
 
-    ``samples``/``batch_size`` default to the source's defaults (16 per batch for
+    ``score="auto"`` (the library's default) means wanda: calibration data is at hand,
+    so the per-layer input statistics are recorded (magnitude for TorchScript models). ``samples``/``batch_size`` default
+    to the source's defaults (16 per batch for
     encoders); ``selection`` to the source's default layer selection (a mapping overrides
     only the fields it names, see :func:`selection_from_dict`). ``resolved`` reuses an
     already loaded model.
     """
     start = time.perf_counter()
-    check_score(score)
+    resolve_score(score)  # an unknown score fails before the model loads
     model = resolved or resolve_model(sources.model, sources.weights)
+    # auto: wanda, except for TorchScript models, which take no forward hooks
+    score = resolve_score(score, default="magnitude" if model.scripted else "wanda")
     n = (
         positive_int(samples, "--calibration-samples")
         if samples

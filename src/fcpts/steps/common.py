@@ -17,6 +17,16 @@ FILE_MODE = 0o644  # mkstemp creates 0600; artifacts are read by other users and
 SELECTION_FIELDS = ("include", "exclude", "keep_dense", "bounds", "min_sparsity", "max_sparsity")
 
 
+def resolve_score(score: str | None, default: str = "wanda") -> str:
+    """``auto`` (the library's default) is wanda whenever calibration data is at hand,
+    which it always is in the steps; anything else must be a known score."""
+    from ..scores import check_score
+
+    if score in (None, "", "auto"):
+        return default
+    return check_score(score)
+
+
 def selection_to_dict(selection: LayerSelection) -> dict[str, Any]:
     return {
         "include": list(selection.include),

@@ -6,10 +6,14 @@ approves a sparse model when (a) the quality drop versus dense is within the tol
 from the weights is exactly the target (``round(target x N)`` zeros of ``N`` prunable
 weights) and (c) the metrics describe this very sparse model (same sha256).
 
-:func:`register` applies the gate, writes ``decision.json`` with the reasons, and when
-approved hands the model to a registry: any callable ``registry(request) -> dict | None``
-(``request`` is a :class:`RegistryRequest`), or a ``"module:function"`` string naming one.
-With no registry the decision is recorded only. The MLflow registry plugs in here.
+:func:`register` applies the gate, writes ``decision.json`` with the reasons, and hands
+the decision to a registry: any callable ``registry(request) -> dict | None`` (``request``
+is a :class:`RegistryRequest`), or a ``"module:function"`` string naming one (default:
+``$FCPTS_REGISTRY``). The registry is called for both outcomes so it can record a
+rejection too; it must register the model only when ``request.decision.approved``
+(``fcpts.tracking.registry:register_request`` does: approved -> a new version, rejected
+-> the run is tagged rejected). Whatever it returns lands in ``decision.json``. With no
+registry the decision is recorded only.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ def gate(metrics: Mapping[str, Any], manifest: Mapping[str, Any], tolerance: flo
 
 @dataclass
 class RegistryRequest:
-    """What a registry receives for an approved model."""
+    """What a registry receives: the model, its figures and the gate's decision (register
+    only when ``decision.approved``)."""
 
     name: str
     sparse_dir: Path
@@ -195,7 +200,8 @@ def register(
     registry: str | Registry | None = None,
     name: str | None = None,
 ) -> Registration:
-    """Gate the sparse model, record ``decision.json`` in ``out_dir``, register if approved."""
+    """Gate the sparse model, record ``decision.json`` in ``out_dir``, and hand the decision
+    to the registry (which registers approved models only)."""
     start = time.perf_counter()
     tolerance = check_tolerance(tolerance)
     data = _load_metrics(metrics)
@@ -224,7 +230,7 @@ def register(
     path = out / DECISION_FILE
     record["step_seconds"] = round(time.perf_counter() - start, 3)
     write_json(path, record)
-    if decision.approved and fn is not None:
+    if fn is not None:
         request = RegistryRequest(model_name, Path(sparse), manifest, data, decision)
         try:
             result = fn(request)
@@ -241,7 +247,8 @@ def register(
             raise ServiceError(
                 f"registry {registry_name} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        record["registration"] = {"status": "registered", **dict(result or {})}
+        status = "registered" if decision.approved else "rejection recorded by the registry"
+        record["registration"] = {"status": status, **dict(result or {})}
     elif decision.approved:
         record["registration"] = {
             "status": "not registered: no registry configured (decision recorded only)"
