@@ -47,6 +47,10 @@ def test_calibration_artifact_describes_its_tensors(digits_calibration):
         assert list(tensors[name].shape) == shape
     assert tensors["batch.0.x"].shape == (32, 1, 8, 8)
     assert tensors["reference.0"].shape == (32, 10)  # dense logits
+    demo = resolve_model("demo:digits-cnn")
+    with torch.no_grad():
+        logits = demo.model(cal.batches[0]["x"])
+    torch.testing.assert_close(tensors["reference.0"], logits)
     assert set(info["input_norm_layers"]) == {
         "features.0",
         "features.3",

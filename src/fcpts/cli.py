@@ -1148,7 +1148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for step in PIPELINE_STEPS:
         note = "cached" if step in log.cached else ""
         if step == "register" and step not in log.started:
-            note = "skipped: not approved"
+            note = "skipped: the gate did not approve"
         timings.append((step, log.seconds(step), note))
     timings.append(("total", pipeline_seconds, ""))
     notes = [

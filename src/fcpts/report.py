@@ -329,7 +329,7 @@ def summary(
             if name == "total":
                 total = seconds
                 continue
-            shown = "skipped" if seconds is None else f"{seconds:6.1f} s"
+            shown = "     -  " if seconds is None else f"{seconds:6.1f} s"
             rows.append((f"  {name}", shown + (f"  {note}" if note else "")))
         if total is not None:
             rows.append(("  total", f"{total:6.1f} s"))

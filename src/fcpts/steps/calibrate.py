@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..core import LayerSelection, resolve_device
 from ..errors import UserError
-from ..metrics import outputs
 from ..scores import collect_input_norms, needs_activations
 from ..sources import (
     ResolvedModel,
@@ -126,16 +125,9 @@ def calibrate(
     net = move(model.model, dev).eval()
     check_fit(net, task, to_device(batches[0], dev), data)
 
-    reference = _reference_outputs(net, task, batches, dev, progress_bar)
-    norms = None
-    if needs_activations(score):
-        norms = collect_input_norms(
-            net,
-            layers,
-            progress([to_device(b, dev) for b in batches], "input statistics", progress_bar),
-            task.run,
-        )
-        norms = {k: v.float().cpu() for k, v in norms.items()}
+    reference, norms = _forward_pass(
+        net, task, batches, dev, layers if needs_activations(score) else None, progress_bar
+    )
     move(model.model, "cpu")
 
     tensors = _flatten(batches, reference, norms)
@@ -179,11 +171,25 @@ def calibrate(
 
 
 @torch.no_grad()
-def _reference_outputs(net, task: Task, batches, dev, progress_bar: bool) -> list[torch.Tensor]:
-    return [
-        outputs(net, task, [b], dev).contiguous()
-        for b in progress(batches, "reference outputs", progress_bar)
-    ]
+def _forward_pass(net, task: Task, batches, dev, layers, progress_bar: bool):
+    """One pass over the calibration batches: the dense reference outputs and, when
+    ``layers`` is given, the input-channel norms of those layers (hooks on the same pass)."""
+    reference: list[torch.Tensor] = []
+
+    def run(model, batch):
+        raw = task.run(model, batch)
+        reference.append(task.output(raw, batch).float().cpu().contiguous())
+        return raw
+
+    on_device = (to_device(b, dev) for b in batches)
+    bar = progress(on_device, "calibration pass", progress_bar, total=len(batches))
+    net.eval()
+    if layers is None:
+        for batch in bar:
+            run(net, batch)
+        return reference, None
+    norms = collect_input_norms(net, layers, bar, run)
+    return reference, {k: v.float().cpu() for k, v in norms.items()}
 
 
 def _flatten(batches, reference, norms) -> dict[str, torch.Tensor]:
