@@ -968,7 +968,7 @@ class _PipelineLog:
             self.finished[m[1]] = (now, m[2])
             if not self.verbose:
                 took = now - self.started.get(m[1], now)
-                verdict = "done" if m[2] == "SUCCESS" else m[2]
+                verdict = "done" if m[2] == "SUCCESS" else "FAILED"
                 _say(f"{self._label(m[1])} {verdict} in {took:.1f} s")
         elif m := _CACHED.search(line):
             self.cached.add(m[1])

@@ -53,9 +53,16 @@ def chart(
         ax.set_xlim(0, 1)
         ax.set_xlabel("sparsity (fraction of zero weights)")
         ax.set_title(title or "Per-layer sparsity", fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
+        from matplotlib.patches import Patch
+
+        handles = [
+            ax.get_legend_handles_labels()[0][0],
+            Patch(color="#3b7dd8", label="denser than the target"),
+            Patch(color="#9bbbe6", label="at or above the target"),
+        ]
+        fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
         ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.4 / height, 1, 1))  # room for the legend below
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, format="png")
