@@ -89,28 +89,18 @@ def test_pipeline_approves_and_artifacts_agree(tmp_path):
 
 def test_pipeline_rejection_skips_register(tmp_path):
     root = tmp_path / "runs"
-    r = run_fcpts(
-        "run",
-        "--model",
-        "demo:digits-cnn",
-        "--target",
-        "0.97",
-        "--method",
-        "uniform",
-        "--tolerance",
-        "0",
-        "--calibration-samples",
-        "32",
-        "--evaluation-samples",
-        "100",
-        "--latency-seconds",
-        "0.01",
-        "--root",
-        root,
+    config = tmp_path / "run.yaml"  # options from a config file, one of them overridden by a flag
+    config.write_text(
+        "model: demo:digits-cnn\nmethod: uniform\ntarget: 0.5\ntolerance: 0\n"
+        "calibration-samples: 32\nrun:\n  evaluation_samples: 100\n  latency_seconds: 0.01\n"
     )
+    r = run_fcpts("run", "--config", config, "--target", "0.97", "--root", root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = _run_dir(root)
     metrics = json.loads((run / "evaluate" / "evaluation" / "metrics.json").read_text())
     assert metrics["drop"] > 0 and metrics["gate"]["approved"] is False
     assert not (run / "register").exists()
     assert "REJECTED" in r.stdout and "skipped" in r.stdout
+    manifest = json.loads((run / "allocate" / "sparse_model" / "manifest.json").read_text())
+    assert manifest["target"] == 0.97 and manifest["method"] == "uniform"
+    assert metrics["evaluation"]["samples"] == 100
