@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# OpenMP threads that spin while waiting make torch many times slower on a busy machine
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install run test bench lint clean
 
@@ -26,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py --resume
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import sys
@@ -28,6 +29,7 @@ from fcpts.metrics import mean_cosine, neighbour_agreement, outputs, recalibrate
 from fcpts.sparse_model import apply_allocation
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ROWS = Path(__file__).resolve().parent / "rows.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def variants(quick: bool) -> list[Variant]:
     iters = {"iters": 40} if quick else {}
     fixed = {"learn_thresholds": False, **iters}
     return [
+        Variant("fcpts joint, wanda (default)", "fcpts", "wanda", dict(iters)),
         Variant("uniform", "uniform"),
         Variant("global", "global"),
         Variant("erk", "erk"),
@@ -55,7 +58,6 @@ def variants(quick: bool) -> list[Variant]:
         Variant("uniform + weight recon, wanda", "fcpts", "wanda", {"init": "uniform", **fixed}, (0.8, 0.9)),
         Variant("erk + weight recon, wanda", "fcpts", "wanda", {"init": "erk", **fixed}, (0.8, 0.9)),
         Variant("fcpts joint, magnitude", "fcpts", "magnitude", dict(iters)),
-        Variant("fcpts joint, wanda (default)", "fcpts", "wanda", dict(iters)),
     ]
 
 
@@ -71,7 +73,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def run_case(case: str, targets: list[float], quick: bool, log) -> list[dict]:
+def _key(case: str, variant: Variant, target: float) -> str:
+    return json.dumps([case, variant.label, variant.method, variant.score, variant.settings, target], sort_keys=True)
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    """Rows measured before (a killed benchmark resumes with --resume)."""
+    if not path.is_file():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            rows[item["key"]] = item["row"]
+    return rows
+
+
+def run_case(case: str, targets: list[float], quick: bool, log, done: dict[str, dict], rows_path: Path) -> list[dict]:
     demo = load_demo(f"demo:{case}")
     bs = 16 if case == "minilm" else demo.defaults["batch_size"]
     calib = demo.split("calibration", demo.defaults["calibration_samples"], bs)
@@ -84,6 +102,10 @@ def run_case(case: str, targets: list[float], quick: bool, log) -> list[dict]:
     for variant in variants(quick):
         for target in targets:
             if variant.only and target not in variant.only and case == "minilm":
+                continue
+            key = _key(case, variant, target)
+            if key in done:
+                rows.append(done[key])
                 continue
             start = time.perf_counter()
             alloc = sparsify(
@@ -104,6 +126,8 @@ def run_case(case: str, targets: list[float], quick: bool, log) -> list[dict]:
                 recalibrate_batchnorm(recal, demo.task, calib)
                 row["quality_bn"] = top1(outputs(recal, demo.task, held), labels)
             rows.append(row)
+            with rows_path.open("a") as fh:
+                fh.write(json.dumps({"key": key, "row": row}) + "\n")
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return rows
 
@@ -137,11 +161,15 @@ def table(rows: list[dict], case: str, targets: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="minilm,digits-cnn")
+    parser.add_argument("--cases", default="digits-cnn,minilm")
     parser.add_argument("--targets", default=None, help="comma-separated; default per case")
     parser.add_argument("--quick", action="store_true", help="40 iterations instead of the default")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--resume", action="store_true", help=f"reuse rows already measured in {ROWS.name}")
     args = parser.parse_args(argv)
+    if not args.resume:
+        ROWS.unlink(missing_ok=True)
+    done = load_rows(ROWS)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     default_targets = {"minilm": [0.5, 0.7, 0.8, 0.9], "digits-cnn": [0.5, 0.7, 0.8, 0.9, 0.95]}
     sections = [
@@ -155,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for case in args.cases.split(","):
         targets = [float(t) for t in args.targets.split(",")] if args.targets else default_targets[case]
-        rows += run_case(case, targets, args.quick, lambda s: print(s, file=sys.stderr, flush=True))
+        rows += run_case(case, targets, args.quick, lambda s: print(s, file=sys.stderr, flush=True), done, ROWS)
         title = {
             "minilm": "all-MiniLM-L6-v2: held-out mean cosine to dense / nearest-neighbour agreement / seconds",
             "digits-cnn": "digits CNN: held-out top-1 without / with BN recalibration / seconds",
