@@ -89,7 +89,11 @@ def load_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
-def run_case(case: str, targets: list[float], quick: bool, log, done: dict[str, dict], rows_path: Path) -> list[dict]:
+def run_case(
+    case: str, targets: list[float], quick: bool, log, done: dict[str, dict], rows_path: Path, measure: bool = True
+) -> list[dict]:
+    if not measure:  # --render-only: the table from the rows measured so far
+        return [done[_key(case, v, t)] for v in variants(quick) for t in targets if _key(case, v, t) in done]
     demo = load_demo(f"demo:{case}")
     bs = 16 if case == "minilm" else demo.defaults["batch_size"]
     calib = demo.split("calibration", demo.defaults["calibration_samples"], bs)
@@ -134,6 +138,8 @@ def run_case(case: str, targets: list[float], quick: bool, log, done: dict[str, 
 
 def table(rows: list[dict], case: str, targets: list[float]) -> str:
     sub = [r for r in rows if r["case"] == case]
+    if not sub:
+        return "(not measured)"
     methods = list(dict.fromkeys(r["method"] for r in sub))
     if case == "minilm":
         head = "| method | " + " | ".join(f"{t:g}: cosine / NN / s" for t in targets) + " |"
@@ -166,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="40 iterations instead of the default")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help=f"reuse rows already measured in {ROWS.name}")
+    parser.add_argument("--render-only", action="store_true", help=f"write the table from {ROWS.name}, measure nothing")
     args = parser.parse_args(argv)
+    if args.render_only:
+        args.resume = True
     if not args.resume:
         ROWS.unlink(missing_ok=True)
     done = load_rows(ROWS)
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for case in args.cases.split(","):
         targets = [float(t) for t in args.targets.split(",")] if args.targets else default_targets[case]
-        rows += run_case(case, targets, args.quick, lambda s: print(s, file=sys.stderr, flush=True), done, ROWS)
+        rows += run_case(case, targets, args.quick, lambda s: print(s, file=sys.stderr, flush=True), done, ROWS, not args.render_only)
         title = {
             "minilm": "all-MiniLM-L6-v2: held-out mean cosine to dense / nearest-neighbour agreement / seconds",
             "digits-cnn": "digits CNN: held-out top-1 without / with BN recalibration / seconds",
