@@ -1,0 +1,157 @@
+"""Shared pieces of the ``fcpts`` command line: defaults, the help formatter, reading
+options (``_get``, ``_require``, selection and allocator settings) and messages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import UserError
+
+PROG = "fcpts"
+RUN_DEFAULT_TARGET = 0.5
+RUN_DEFAULT_ITERS = 200
+LIBRARY_ITERS = 200  # fcpts.alloc.fcpts.FCPTS.Config.iters
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_ROOT = "runs"
+DEFAULT_PIPELINE_FILE = "sparsify_pipeline.yaml"
+PIPELINE_STEPS = ("calibrate", "allocate", "evaluate", "register")
+METHODS_HELP = "uniform, global, erk, owl, fcpts"
+
+MODEL_HELP = (
+    "model source: demo:minilm, demo:digits-cnn, a Hugging Face / sentence-transformers folder, "
+    "a TorchScript file, or module:function (or file.py:function) that builds the nn.Module "
+    "(with --weights)"
+)
+DATA_HELP = (
+    "data source: a text file (one sentence per line, for Hugging Face encoders), an ImageFolder "
+    "folder (root/<class>/<image>), or tensors in .safetensors/.npz (key x, optional y labels), "
+    ".npy (x) or .pt (a tensor or {'x', 'y'}, read weights-only); optional for the demos. "
+    "Samples are split in thirds by a seeded permutation: calibration, validation, evaluation"
+)
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def _get(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) in (None, ""):
+            raise UserError(f"--{name.replace('_', '-')} is required for `{PROG} {args.command}`")
+
+
+def _split_patterns(values: Sequence[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
+def selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The layer-selection fields the user gave (the rest keep the source's defaults)."""
+    out: dict[str, Any] = {}
+    for key in ("include", "exclude", "keep_dense"):
+        patterns = _split_patterns(getattr(args, key, None))
+        if patterns is not None:
+            out[key] = patterns
+    if getattr(args, "bounds", None):
+        bounds = {}
+        for item in args.bounds:
+            pattern, eq, span = str(item).rpartition("=")
+            lo, colon, hi = span.partition(":")
+            if not eq or not pattern or not colon:
+                raise UserError(
+                    f"--bounds takes PATTERN=MIN:MAX (e.g. 'classifier.*=0:0.5'), got {item!r}"
+                )
+            try:
+                bounds[pattern] = [float(lo), float(hi)]
+            except ValueError:
+                raise UserError(f"--bounds {item!r}: MIN and MAX must be numbers") from None
+        out["bounds"] = bounds
+    for key in ("min_sparsity", "max_sparsity"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def allocator_settings(
+    args: argparse.Namespace, default_iters: int | None = None
+) -> dict[str, Any]:
+    settings = dict(getattr(args, "settings", None) or {})
+    for item in getattr(args, "settings_flags", None) or []:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set takes KEY=VALUE (e.g. --set schedule=cosine), got {item!r}")
+        settings[key.strip()] = _parse_value(value.strip())
+    if getattr(args, "iters", None) is not None:
+        settings["iters"] = args.iters
+    if getattr(args, "lam", None) is not None:
+        settings["lam"] = args.lam
+    if getattr(args, "joint", None) is not None:
+        settings["joint"] = args.joint
+    method = _get(args, "method", "fcpts")
+    if default_iters is not None and method == "fcpts":
+        settings.setdefault("iters", default_iters)
+    return settings
+
+
+def _sources(args: argparse.Namespace):
+    from ..sources import Sources
+
+    return Sources(
+        model=args.model,
+        data=args.data,
+        weights=args.weights,
+        task=_get(args, "task", "auto"),
+        image_size=args.image_size,
+        image_mode=_get(args, "image_mode", "RGB"),
+    )
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", None) and sys.stderr.isatty()
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_allocation_options(
+    target: Any, method: str, settings: Mapping[str, Any], score: str | None
+) -> None:
+    from ..alloc import get_allocator
+    from ..landing import check_target
+    from ..scores import check_score
+
+    check_target(target)
+    get_allocator(method, **settings)  # unknown method or setting: a UserError naming the choices
+    if score not in (None, "auto"):
+        check_score(score)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "error"

@@ -1,0 +1,159 @@
+"""The KFP pipeline from the command line: ``fcpts compile``, and the pieces ``fcpts run``
+uses to find the pipeline and follow the local runner's log."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from .common import DEFAULT_PIPELINE_FILE, PIPELINE_STEPS, _Formatter, _get, _say
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        formatter_class=_Formatter,
+        help="write the pipeline as KFP v2 YAML",
+        description="Compile pipelines/sparsify.py into a KFP v2 pipeline YAML for a cluster.",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        default=None,
+        help=f"YAML file to write (default: {DEFAULT_PIPELINE_FILE})",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of options (only 'out' applies)"
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    module = load_pipeline_module()
+    out = Path(_get(args, "out", DEFAULT_PIPELINE_FILE))
+    if out.parent and not out.parent.exists():
+        raise UserError(f"folder {out.parent} does not exist")
+    compiler.Compiler().compile(module.sparsify_pipeline, str(out))
+    from components import IMAGE
+
+    print(
+        f"wrote {out}: pipeline {module.PIPELINE_NAME} (calibrate -> allocate -> evaluate -> register if "
+        f"approved), image {IMAGE}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def project_root() -> Path:
+    """The checkout holding components/ and pipelines/ (they are not part of the wheel)."""
+    candidates = []
+    if os.environ.get("FCPTS_PROJECT_ROOT"):
+        candidates.append(Path(os.environ["FCPTS_PROJECT_ROOT"]))
+    candidates.append(Path(__file__).resolve().parents[3])  # src/fcpts/cli/pipeline.py -> checkout
+    candidates.append(Path.cwd())
+    for root in candidates:
+        if (root / "pipelines" / "sparsify.py").is_file() and (
+            root / "components" / "__init__.py"
+        ).is_file():
+            return root.resolve()
+    raise UserError(
+        "cannot find pipelines/sparsify.py and components/: run from the fcpts checkout "
+        "or set FCPTS_PROJECT_ROOT to it"
+    )
+
+
+def load_pipeline_module():
+    """Import pipelines.sparsify from the checkout (components/ and pipelines/ are packages)."""
+    import importlib
+
+    root = str(project_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("pipelines.sparsify")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([\w.-]+)'")
+_FINISHED = re.compile(r"Task '([\w.-]+)' finished with status (\w+)")
+_CACHED = re.compile(r"Task ([\w.-]+) cache hit")
+_ERROR = re.compile(r"fcpts\.errors\.(UserError|ServiceError|FcptsError): (.+)$")
+
+
+class _PipelineLog:
+    """Stands in for sys.stdout while the local runner runs: writes everything to the log
+    file, times each step from its start and finish lines, relays fcpts progress lines."""
+
+    def __init__(self, path: Path, verbose: bool, real_stdout) -> None:
+        self.path = path
+        self.file = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
+        self.verbose = verbose
+        self.real = real_stdout
+        self.buffer = ""
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, tuple[float, str]] = {}
+        self.cached: set[str] = set()
+        self.errors: list[tuple[str, str]] = []
+        self.current: str | None = None
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        if self.verbose:
+            self.real.write(text)
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        if self.verbose:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def _label(self, task: str) -> str:
+        index = PIPELINE_STEPS.index(task) + 1 if task in PIPELINE_STEPS else "?"
+        return f"[{index}/{len(PIPELINE_STEPS)}] {task}"
+
+    def _line(self, line: str) -> None:
+        now = time.perf_counter()
+        if m := _STARTED.search(line):
+            self.started[m[1]] = now
+            self.current = m[1]
+            if not self.verbose:
+                _say(f"{self._label(m[1])} ...")
+        elif m := _FINISHED.search(line):
+            self.finished[m[1]] = (now, m[2])
+            if not self.verbose:
+                took = now - self.started.get(m[1], now)
+                verdict = "done" if m[2] == "SUCCESS" else "FAILED"
+                _say(f"{self._label(m[1])} {verdict} in {took:.1f} s")
+        elif m := _CACHED.search(line):
+            self.cached.add(m[1])
+            if not self.verbose:
+                _say(f"{self._label(m[1])} cached (outputs of an earlier run reused)")
+        elif "[fcpts]" in line and not self.verbose:
+            _say("      " + line.split("[fcpts]", 1)[1].strip())
+        if m := _ERROR.search(line):
+            self.errors.append((m[1], m[2].strip()))
+
+    def seconds(self, task: str) -> float | None:
+        if task in self.started and task in self.finished:
+            return self.finished[task][0] - self.started[task]
+        return None
+
+    def close(self) -> None:
+        if self.buffer:
+            self._line(_ANSI.sub("", self.buffer))
+            self.buffer = ""
+        self.file.close()

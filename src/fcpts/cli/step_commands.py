@@ -1,0 +1,282 @@
+"""The step commands: ``fcpts calibrate``, ``allocate``, ``evaluate``, ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from ..errors import UserError
+from .common import (
+    DEFAULT_TOLERANCE,
+    METHODS_HELP,
+    _check_allocation_options,
+    _check_positive,
+    _Formatter,
+    _get,
+    _progress_enabled,
+    _require,
+    _sources,
+    allocator_settings,
+    selection_overrides,
+)
+from .options import (
+    _add_allocator,
+    _add_calibration,
+    _add_common,
+    _add_evaluation,
+    _add_gate,
+    _add_selection,
+    _add_sources,
+)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        formatter_class=_Formatter,
+        help="record calibration data, dense outputs and statistics",
+        description="Resolve the model and the calibration data, check that they fit (one forward pass), "
+        "and write a calibration folder: the batches, the dense model's reference outputs and, for "
+        "activation-aware scores, per-layer input statistics (calibration.safetensors), described "
+        "with sources, sample count, shapes and sha256 digests in calibration.json.",
+    )
+    _add_sources(p)
+    _add_calibration(p)
+    _add_selection(p)
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="calibration folder to write (required)"
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
+        "allocate",
+        formatter_class=_Formatter,
+        help="allocate the target sparsity and save the sparse model",
+        description="Allocate the global target sparsity over the prunable layers with a method from "
+        f"the registry ({METHODS_HELP}) and write DIR/model.safetensors (the whole state_dict under "
+        "the model's own parameter names) and DIR/manifest.json (target, achieved_sparsity, zeros, "
+        "prunable, method, score, per-layer figures). Give a --calibration folder, or --model (and "
+        "--data) to calibrate on the fly.",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        default=None,
+        help="a folder written by `fcpts calibrate` (else --model/--data are calibrated first)",
+    )
+    _add_sources(p, model_required=False)
+    _add_calibration(
+        p,
+        score_help="importance score: magnitude or wanda (default: the calibration's; "
+        "auto, i.e. wanda, when calibrating on the fly)",
+    )
+    _add_allocator(p, target_default=None)
+    _add_selection(p)
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="sparse model folder to write (required)"
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        formatter_class=_Formatter,
+        help="compare the sparse model with the dense one",
+        description="Compare the sparse model with the dense one on held-out data disjoint from the "
+        "calibration data: the task metric, the sparsity counted from the weights, size on disk "
+        "(dense safetensors vs bitmask+values safetensors) and CPU latency. Writes DIR/metrics.json, "
+        "DIR/allocation.png, DIR/report.md and DIR/report.html.",
+    )
+    _add_sources(p)
+    p.add_argument(
+        "--sparse",
+        metavar="DIR",
+        default=None,
+        help="the --out folder of `fcpts allocate` (required)",
+    )
+    _add_evaluation(p, samples_alias=True)
+    g = p.add_argument_group("approval gate")
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="X",
+        help="also record the approval gate's decision for this allowed quality drop",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="folder for metrics.json and the reports (required)",
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
+        "register",
+        formatter_class=_Formatter,
+        help="apply the approval gate and record the decision",
+        description="Approve the sparse model if its quality drop versus dense is within --tolerance and "
+        "its sparsity counted from the weights is exactly the target; write DIR/decision.json with the "
+        "reasons; hand an approved model to --registry.",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="PATH",
+        default=None,
+        help="metrics.json, or the --out folder of `fcpts evaluate` (required)",
+    )
+    p.add_argument(
+        "--sparse",
+        metavar="DIR",
+        default=None,
+        help="the --out folder of `fcpts allocate` (required)",
+    )
+    _add_gate(p, required=True)
+    p.add_argument("--out", metavar="DIR", default=None, help="folder for decision.json (required)")
+    _add_common(p)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..steps import calibrate
+
+    _require(args, "model", "out")
+    _check_positive(args, "calibration_samples", "batch_size", "image_size")
+    cal = calibrate(
+        _sources(args),
+        args.out,
+        score=_get(args, "score", "auto"),
+        samples=args.calibration_samples,
+        batch_size=args.batch_size,
+        seed=_get(args, "seed", 0),
+        selection=selection_overrides(args) or None,
+        device=_get(args, "device", "auto"),
+        progress_bar=_progress_enabled(args),
+    )
+    info = cal.info
+    norms = info["input_norm_layers"]
+    print(
+        f"calibrated {info['model']['source']} on {info['samples']} samples of {info['data']['source']} "
+        f"({info['batches']} batches of up to {info['batch_size']}, task {info['task']}, score {info['score']}"
+        + (f", input statistics for {len(norms)} layers" if norms else "")
+        + f") in {info['step_seconds']:.1f} s\nwrote {cal.path}"
+    )
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from .. import report
+    from ..steps import allocate, calibrate
+
+    _require(args, "target", "out")
+    _check_positive(args, "calibration_samples", "batch_size", "image_size", "iters")
+    settings = allocator_settings(args)
+    common = {
+        "target": args.target,
+        "method": _get(args, "method", "fcpts"),
+        "settings": settings,
+        "seed": _get(args, "seed", 0),
+        "device": _get(args, "device", "auto"),
+        "recalibrate_bn": bool(args.recalibrate_bn),
+        "progress_bar": _progress_enabled(args),
+    }
+    selection = selection_overrides(args) or None
+    _check_allocation_options(common["target"], common["method"], settings, args.score)
+    if args.calibration:
+        if args.data:
+            raise UserError(
+                "--data is not used with --calibration: the calibration folder holds the data"
+            )
+        resolved = None
+        if args.model:
+            from ..sources import resolve_model
+
+            resolved = resolve_model(args.model, args.weights)
+        result = allocate(
+            args.calibration,
+            args.out,
+            score=args.score,
+            selection=selection,
+            resolved=resolved,
+            **common,
+        )
+    else:
+        _require(args, "model")
+        from ..sources import resolve_model
+
+        resolved = resolve_model(args.model, args.weights)
+        with tempfile.TemporaryDirectory(prefix="fcpts-calibration-") as tmp:
+            cal = calibrate(
+                _sources(args),
+                tmp,
+                score=_get(args, "score", "auto"),
+                samples=args.calibration_samples,
+                batch_size=args.batch_size,
+                seed=common["seed"],
+                selection=selection,
+                device=common["device"],
+                progress_bar=common["progress_bar"],
+                resolved=resolved,
+            )
+            result = allocate(cal, args.out, resolved=resolved, **common)
+    m = result.manifest
+    notes = []
+    if m.get("history"):
+        last = m["history"][-1]
+        notes.append(
+            f"final reconstruction loss on the calibration data {last.get('rec_loss', float('nan')):.4f} "
+            "(evaluate for held-out quality vs dense)"
+        )
+    print(report.summary(manifest=m, notes=notes))
+    print(f"wrote {result.path}/model.safetensors and manifest.json")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .. import report
+    from ..sparse_model import read_manifest
+    from ..steps import evaluate
+
+    _require(args, "model", "sparse", "out")
+    _check_positive(args, "evaluation_samples", "eval_batch_size", "image_size")
+    tolerance = args.tolerance
+    if tolerance is not None:
+        from ..steps.register import check_tolerance
+
+        tolerance = check_tolerance(tolerance)
+    result = evaluate(
+        _sources(args),
+        args.sparse,
+        args.out,
+        samples=args.evaluation_samples,
+        batch_size=args.eval_batch_size,
+        seed=args.seed,
+        device=_get(args, "device", "auto"),
+        tolerance=tolerance,
+        latency_seconds=_get(args, "latency_seconds", 1.0),
+        progress_bar=_progress_enabled(args),
+    )
+    manifest = read_manifest(args.sparse)
+    print(
+        report.summary(
+            manifest=manifest, metrics=result.metrics, decision=result.metrics.get("gate")
+        )
+    )
+    print(f"wrote {result.path}/metrics.json, allocation.png, report.md, report.html")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .. import report
+    from ..steps import register
+
+    _require(args, "metrics", "sparse", "out")
+    result = register(
+        args.metrics,
+        args.sparse,
+        args.out,
+        tolerance=_get(args, "tolerance", DEFAULT_TOLERANCE),
+        registry=args.registry,
+        name=args.name,
+    )
+    print(report.summary(decision=result.record))
+    print(f"wrote {result.path}")
+    return 0
