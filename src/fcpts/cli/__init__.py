@@ -1,4 +1,4 @@
-"""The ``fcpts`` command line: calibrate, allocate, evaluate, register, run, compile.
+"""The ``fcpts`` command line: calibrate, allocate, evaluate, register, run, compile, sweep.
 
 Exit codes: 0 success; 2 a mistake the user can fix (bad option, missing or malformed
 input, impossible target); 1 anything else. Errors are one line on stderr
@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__
+from .. import __version__, sweep_cli
 from ..errors import FcptsError, UserError
 from . import pipeline, run, step_commands
 from .common import (  # noqa: F401  (re-exported: the CLI's names before it became a package)
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     step_commands.add_parsers(sub)
     run.add_parsers(sub)
     pipeline.add_parsers(sub)
+    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -58,6 +59,7 @@ COMMANDS = {
     "register": cmd_register,
     "run": cmd_run,
     "compile": cmd_compile,
+    "sweep": sweep_cli.run,
 }
 
 
