@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from .alloc import Allocation, Problem, get_allocator
 from .alloc.base import Callback
+from .checkpoint import CheckpointConfig, Checkpointer
 from .errors import UserError
 from .landing import check_feasible, check_target
 from .layers import LayerSpec, find_prunable
@@ -67,6 +70,9 @@ def sparsify(
     device: str | torch.device = "auto",
     callback: Callback | None = None,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 25,
+    resume: bool = False,
 ) -> Allocation:
     """Allocate ``target`` sparsity over the prunable layers of ``model``.
 
@@ -74,8 +80,19 @@ def sparsify(
     magnitude. Returns masks and figures; the model itself is not modified (use
     :func:`fcpts.sparse_model.apply_allocation`). Activation-aware scores and the learned
     method need ``task`` and calibration ``batches``.
+
+    With ``checkpoint_dir`` the learned method saves its whole state there every
+    ``checkpoint_every`` iterations (and after the last); with ``resume=True`` it continues
+    from that checkpoint, and the result equals an uninterrupted run's. A checkpoint of a
+    run with other inputs is refused (see :mod:`fcpts.checkpoint`). The other methods
+    finish in one step and ignore these arguments.
     """
     target = check_target(target)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(CheckpointConfig(Path(checkpoint_dir), checkpoint_every, resume))
+    elif resume:
+        raise UserError("resume needs checkpoint_dir: the folder the interrupted run checkpointed to")
     if score == "auto":
         # the benchmark's best variant: activation-aware scores whenever data is at hand
         score = "wanda" if task is not None and batches else "magnitude"
@@ -108,6 +125,7 @@ def sparsify(
         device=dev,
         callback=callback,
         progress=progress,
+        checkpoint=checkpointer,
     )
     allocation = allocator.allocate(problem)
     allocation.settings = dict(allocation.settings, device=str(dev))

@@ -40,6 +40,7 @@ class Problem:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     callback: Callback | None = None
     progress: bool = False
+    checkpoint: Any = None  # a fcpts.checkpoint.Checkpointer for iterative methods
 
     @property
     def total(self) -> int:

@@ -21,6 +21,7 @@ The thresholds are initialised from ERK or uniform and finally landed exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import checkpoint as ckpt
 from ..bridge import BRIDGES, ScoreDistribution, bridged_sparsity
 from ..errors import UserError
 from ..tasks import relative_mse, to_device
@@ -188,7 +190,22 @@ class FCPTS(Allocator):
         history: list[dict[str, float]] = []
         rec_scale: float | None = None
         lam = cfg.lam
-        bar = tqdm(range(cfg.iters), desc=f"fcpts {problem.target:.0%}", disable=not problem.progress, leave=False)
+        trained = {"theta": theta, **{f"param.{n}": p for n, p in student.named_parameters() if p.requires_grad}}
+        checkpointer, fingerprint, start = problem.checkpoint, {}, 0
+        if checkpointer is not None:
+            fingerprint = self._fingerprint(problem)
+            snapshot = checkpointer.load(fingerprint)
+            if snapshot is not None:
+                start = snapshot.iteration
+                lam, rec_scale, history = self._restore(snapshot, trained, optimizer, scheduler, device)
+        bar = tqdm(
+            range(start, cfg.iters),
+            desc=f"fcpts {problem.target:.0%}",
+            disable=not problem.progress,
+            leave=False,
+            initial=start,
+            total=cfg.iters,
+        )
         for it in bar:
             i = it % len(batches)
             batch = batches[i]
@@ -246,6 +263,17 @@ class FCPTS(Allocator):
             bar.set_postfix(loss=f"{record['loss']:.4f}", sparsity=f"{record['global_sparsity']:.4f}")
             if problem.callback is not None:
                 problem.callback(it, record)
+            if checkpointer is not None and checkpointer.due(it + 1, cfg.iters):
+                state = {
+                    "lam": lam,
+                    "rec_scale": rec_scale,
+                    "history": history,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": ckpt.rng_state(device),
+                }
+                tensors = {k: v.detach() for k, v in trained.items()}
+                checkpointer.save(fingerprint, ckpt.Snapshot(it + 1, tensors, state))
 
         with torch.no_grad():
             t_final = (torch.exp(theta) * ref_t).tolist()
@@ -258,6 +286,38 @@ class FCPTS(Allocator):
             proposal.weights = {n: w.detach().clone() for n, w in weights.items()}
             proposal.params = {n: p.detach().clone() for n, p in extra.items()}
         return proposal
+
+    def _fingerprint(self, problem: Problem) -> dict[str, str]:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        return ckpt.fingerprint(
+            {
+                "settings": dataclasses.asdict(self.config),
+                "target": problem.target,
+                "score": problem.score_kind,
+                "layers": [dataclasses.asdict(layer) for layer in problem.layers],
+                "scores": problem.scores,
+                "model": problem.model,
+                "batches": list(problem.batches),
+                "task": f"{type(problem.task).__module__}.{type(problem.task).__qualname__}",
+                "device": problem.device.type,
+            }
+        )
+
+    @staticmethod
+    def _restore(snapshot, trained, optimizer, scheduler, device) -> tuple[float, float | None, list]:
+        """Put a checkpoint's state back; return lam, the loss scale and the history."""
+        missing = sorted(set(trained) - set(snapshot.tensors))
+        if missing:
+            raise UserError(f"the checkpoint lacks {missing[0]}: delete it to start afresh")
+        with torch.no_grad():
+            for name, tensor in trained.items():
+                tensor.copy_(snapshot.tensors[name])
+        state = snapshot.state
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"], device)
+        return state["lam"], state["rec_scale"], list(state["history"])
 
     @staticmethod
     def _block_modules(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, nn.Module]:

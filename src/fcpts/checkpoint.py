@@ -1,0 +1,259 @@
+"""Checkpoints of an iterative allocator, so a killed run resumes where it stopped.
+
+One checkpoint is one safetensors file, ``<directory>/fcpts-checkpoint.safetensors``: the
+tensors (thresholds, reconstructed weights, optimizer moments, RNG states) as tensors,
+and everything else (iteration, lam, history, the scheduler's and optimizer's settings,
+the fingerprint) as JSON in the file's header metadata. Nothing is pickled. A checkpoint
+is written to a temporary file in the same folder, flushed to disk and renamed over the
+previous one (``os.replace``), so the file is always a whole checkpoint: a kill during a
+save leaves the previous one in place.
+
+The fingerprint is a digest per input (settings, target, layers, scores, model, batches,
+task, device). A resume whose inputs differ from the checkpoint's is refused with a
+``UserError`` naming the inputs that differ, rather than silently mixing two runs.
+
+This module holds the only file access of the allocation: the allocators stay pure and
+talk to a :class:`Checkpointer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FcptsError, UserError
+
+FILE_NAME = "fcpts-checkpoint.safetensors"
+FORMAT = 1
+_META_KEY = "fcpts.checkpoint"
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_DICT = "__dict__"
+
+
+# ------------------------------------------------------------------------ fingerprint
+
+
+def digest(value: Any) -> str:
+    """A sha256 of a value made of tensors, modules, mappings, sequences and JSON scalars
+    (dtype, shape and bytes of every tensor; mapping keys in sorted order)."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, nn.Module):
+        value = value.state_dict()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"M{len(value)}|".encode())
+        for key in sorted(value, key=str):
+            h.update(f"{key!s}=".encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}|".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"S{json.dumps(value, sort_keys=True, default=str)}|".encode())
+
+
+def fingerprint(parts: Mapping[str, Any]) -> dict[str, str]:
+    """One digest per named input, e.g. ``{"settings": ..., "scores": ...}``."""
+    return {name: digest(value) for name, value in parts.items()}
+
+
+# ------------------------------------------------------------------ storable states
+
+
+def to_storable(value: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """A JSON-able copy of ``value`` whose tensors are moved into ``tensors`` (under
+    ``prefix.<path>``) and replaced by references; tuples and non-string keys survive."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().to("cpu").clone().contiguous()
+        return {_TENSOR: prefix}
+    if isinstance(value, Mapping):
+        return {_DICT: [[k, to_storable(v, tensors, f"{prefix}.{k}")] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {_TUPLE: [to_storable(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [to_storable(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint ({prefix})")
+
+
+def from_storable(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`to_storable`."""
+    if isinstance(value, dict):
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _TUPLE in value:
+            return tuple(from_storable(v, tensors) for v in value[_TUPLE])
+        return {k: from_storable(v, tensors) for k, v in value[_DICT]}
+    if isinstance(value, list):
+        return [from_storable(v, tensors) for v in value]
+    return value
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global torch RNG states (CPU, and the device's CUDA generator)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint, and whether to resume from what is there.
+
+    With ``resume=False`` a run starts afresh and overwrites an earlier checkpoint; with
+    ``resume=True`` it continues from the checkpoint in ``directory`` when there is one
+    (and starts afresh when there is none, so a retried step may always pass it).
+    """
+
+    directory: Path
+    every: int = 25
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not str(self.directory).strip():
+            raise UserError("checkpoint_dir is empty: give a folder for the checkpoints")
+        object.__setattr__(self, "directory", Path(self.directory).expanduser())
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise UserError(
+                f"checkpoint_every must be a whole number of iterations >= 1, got {self.every!r}"
+            )
+        if not isinstance(self.resume, bool):
+            raise UserError(f"resume must be true or false, got {self.resume!r}")
+
+
+@dataclass
+class Snapshot:
+    """A run's state at the end of ``iteration`` iterations."""
+
+    iteration: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpointer:
+    """Saves and loads the :class:`Snapshot` of one run (see the module docstring)."""
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        self.config = config
+
+    @property
+    def path(self) -> Path:
+        return self.config.directory / FILE_NAME
+
+    def due(self, done: int, total: int) -> bool:
+        """Whether to save after ``done`` of ``total`` iterations (every N, and the last)."""
+        return done > 0 and (done % self.config.every == 0 or done == total)
+
+    def load(self, fingerprint: Mapping[str, str]) -> Snapshot | None:
+        """The snapshot to resume from, or None (no resume asked, or no checkpoint yet)."""
+        for stale in self.config.directory.glob(f".{FILE_NAME}.tmp-*"):  # from killed saves
+            stale.unlink(missing_ok=True)
+        if not self.config.resume or not self.path.is_file():
+            return None
+        meta, tensors = self._read()
+        saved = meta.get("fingerprint", {})
+        differ = sorted(
+            k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)
+        )
+        if differ:
+            raise UserError(
+                f"the checkpoint {self.path} was written by a run with other inputs "
+                f"(differing: {', '.join(differ)}): resume with the same arguments, or delete "
+                "the checkpoint (or run without resume) to start afresh"
+            )
+        return Snapshot(
+            iteration=int(meta["iteration"]),
+            tensors=tensors,
+            state=from_storable(meta["state"], tensors),
+        )
+
+    def save(self, fingerprint: Mapping[str, str], snapshot: Snapshot) -> Path:
+        """Write the snapshot atomically (temporary file, fsync, rename); return its path."""
+        from safetensors.torch import save_file
+
+        tensors = dict(snapshot.tensors)
+        meta = {
+            "format": FORMAT,
+            "iteration": snapshot.iteration,
+            "fingerprint": dict(fingerprint),
+            "state": to_storable(snapshot.state, tensors, "state"),
+        }
+        directory = self.config.directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the checkpoint folder {directory}: {exc}") from None
+        tmp = directory / f".{FILE_NAME}.tmp-{uuid.uuid4().hex}"
+        try:
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata={_META_KEY: json.dumps(meta)},
+            )
+            _fsync(tmp)
+            os.replace(tmp, self.path)
+            _fsync(directory)
+        except OSError as exc:
+            raise FcptsError(f"cannot write the checkpoint {self.path}: {exc}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return self.path
+
+    def _read(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                header = (f.metadata() or {}).get(_META_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            meta = json.loads(header) if header else None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(
+                f"the checkpoint {self.path} cannot be read ({exc}); delete it to start afresh"
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(
+                f"{self.path} is not an fcpts checkpoint of format {FORMAT}; delete it to start afresh"
+            )
+        return meta, tensors
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
