@@ -1,5 +1,10 @@
 """Where models and data come from: the source strings a user gives, resolved.
 
+Model, weights and data sources may also be ``s3://bucket/key`` (an object) or
+``s3://bucket/prefix/`` (a folder, e.g. a Hugging Face model or an ImageFolder tree):
+downloaded once per version into a local cache (:mod:`fcpts.storage.cache`), then
+resolved as the local path would be; the source string stays the URI.
+
 Model sources (``--model``):
 
 * ``demo:minilm``, ``demo:digits-cnn``: the built-in demos (offline).
@@ -139,6 +144,14 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def local_path(source: str) -> Path:
+    """The local file or folder a path or an ``s3://`` URI names (S3: downloaded into
+    the cache first; see :func:`fcpts.storage.cache.fetch`)."""
+    from .storage.cache import fetch, is_s3_uri
+
+    return fetch(source) if is_s3_uri(source) else Path(source).expanduser()
+
+
 def resolve_model(source: str, weights: str | None = None) -> ResolvedModel:
     """Load the model a source string names; a ``UserError`` says what to fix."""
     if not isinstance(source, str) or not source.strip():
@@ -150,7 +163,7 @@ def resolve_model(source: str, weights: str | None = None) -> ResolvedModel:
         if weights:
             raise UserError(f"--weights does not apply to the demo {source}: leave it out")
         return _load_demo(source)
-    path = Path(source).expanduser()
+    path = local_path(source)
     if path.is_dir():
         if weights:
             raise UserError(
@@ -320,7 +333,7 @@ def _load_function(module: str, function: str, weights: str | None, source: str)
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors or a weights-only torch file (never unpickled)."""
-    p = Path(path).expanduser()
+    p = local_path(str(path))
     if not p.is_file():
         raise UserError(f"weights file {path} does not exist")
     if p.suffix == ".safetensors":
@@ -483,7 +496,7 @@ def resolve_data(sources: Sources, model: ResolvedModel) -> DataSource:
         if spec and spec.removeprefix(DEMO_PREFIX) != model.demo.name:
             raise UserError(f"data {spec} does not belong to {model.source}; leave --data out")
         return _demo_data(model)
-    path = Path(spec).expanduser()
+    path = local_path(spec)
     if not path.exists():
         raise UserError(f"data file or folder {spec} does not exist")
     if path.is_dir():
