@@ -57,7 +57,7 @@ def staged_output(dest: str | os.PathLike, *, client: BaseClient | None = None) 
     """A local folder to write an output into, published to ``dest`` on success only."""
     if is_s3_uri(str(dest)):
         client = client or s3.make_client()
-        _check_bucket(client, str(dest))  # fail before the step does its work
+        _check_bucket(client, str(dest), "write the output")  # fail before the step does its work
         tmp = Path(tempfile.mkdtemp(prefix="fcpts-output-"))
         try:
             yield tmp
@@ -82,7 +82,7 @@ def staged_output(dest: str | os.PathLike, *, client: BaseClient | None = None) 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_bucket(client: BaseClient, uri: str) -> None:
+def _check_bucket(client: BaseClient, uri: str, action: str) -> None:
     from botocore.exceptions import ClientError
 
     bucket, _ = _prefix(uri)
@@ -91,12 +91,12 @@ def _check_bucket(client: BaseClient, uri: str) -> None:
     except ClientError as exc:
         if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket"):
             raise UserError(
-                f"cannot write the output {uri}: bucket {bucket!r} does not exist at "
+                f"cannot {action} {uri}: bucket {bucket!r} does not exist at "
                 f"{client.meta.endpoint_url}; create it or fix the bucket name"
             ) from None
-        raise s3._translate(exc, client, uri, "write the output to") from exc
+        raise s3._translate(exc, client, uri, action) from exc
     except Exception as exc:
-        new = s3._translate(exc, client, uri, "write the output to")
+        new = s3._translate(exc, client, uri, action)
         if new is exc:
             raise
         raise new from exc
@@ -134,9 +134,7 @@ def read_index(uri: str, *, client: BaseClient | None = None) -> dict[str, Any]:
     client = client or s3.make_client()
     index_uri = f"s3://{bucket}/{_key(prefix, INDEX_NAME)}"
     if s3._head(client, bucket, _key(prefix, INDEX_NAME), "read") is None:
-        missing = s3._missing_object_error(client, bucket, _key(prefix, INDEX_NAME), "read")
-        if "does not exist" in str(missing):
-            raise missing
+        _check_bucket(client, uri, "read the output")
         raise UserError(
             f"{uri} is not a complete fcpts output: it has no {INDEX_NAME} (the step that "
             "writes it did not finish); run that step again"
