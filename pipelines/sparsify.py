@@ -10,13 +10,9 @@ deterministic, expensive steps (calibrate, allocate: same inputs and seed give t
 artifact) and off for evaluate (it measures latency on the node it runs on and feeds
 the gate) and register (a side effect).
 
-kfp.local 2.17 (SubprocessRunner) runs ``dsl.If`` itself, but its condition evaluator
-only resolves a task output named ``Output`` (the channel ``<task>-Output``): a named
-output such as a NamedTuple field ``approved`` (channel ``evaluate-approved``) is looked
-up as a pipeline parameter, is not found ("Could not resolve parent input"), the
-condition counts as false and the branch is silently skipped. So the gate is evaluate's
-return value, ``evaluate.outputs["Output"]``, which both the local runner and a cluster
-resolve.
+Tracking: ``tracking_uri`` (empty: none), ``experiment`` and ``pipeline_run_id`` (empty:
+the KFP run's id) put all four steps in one MLflow run; see ``pipelines/common.py``.
+The gate is evaluate's return value ``Output`` (see ``evaluate_and_register`` there for why).
 """
 
 from typing import NamedTuple
@@ -26,35 +22,15 @@ from kfp.dsl import Artifact, Dataset, Model
 
 from components.allocate.component import allocate
 from components.calibrate.component import calibrate
-from components.evaluate.component import evaluate
-from components.register.component import register
+from pipelines.common import STEP_RESOURCES, configure, evaluate_and_register, tracking_args
 
 PIPELINE_NAME = "fcpts-sparsify"
-
-# (cpu request, cpu limit, memory request, memory limit, retries, caching)
-RESOURCES = {
-    "calibrate": ("2", "4", "4G", "8G", 2, True),
-    "allocate": ("4", "8", "8G", "16G", 1, True),
-    "evaluate": ("2", "4", "4G", "8G", 2, False),
-    "register": ("500m", "1", "1G", "2G", 3, False),
-}
-BACKOFF = "30s"
 
 
 class Outputs(NamedTuple):
     calibration: Dataset
     sparse_model: Model
     evaluation: Artifact
-
-
-def _configure(task, step: str, retries: bool):
-    cpu, cpu_limit, memory, memory_limit, num_retries, cache = RESOURCES[step]
-    task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
-    task.set_memory_request(memory).set_memory_limit(memory_limit)
-    task.set_caching_options(cache)
-    if retries:
-        task.set_retry(num_retries=num_retries, backoff_duration=BACKOFF, backoff_factor=2.0)
-    return task
 
 
 def build(retries: bool = True):
@@ -88,7 +64,11 @@ def build(retries: bool = True):
         image_size: int = 0,
         image_mode: str = "RGB",
         device: str = "auto",
+        tracking_uri: str = "",
+        experiment: str = "fcpts",
+        pipeline_run_id: str = "",
     ) -> Outputs:
+        tracking = tracking_args(tracking_uri, experiment, pipeline_run_id)
         cal = calibrate(
             model=model,
             data=data,
@@ -102,8 +82,9 @@ def build(retries: bool = True):
             image_size=image_size,
             image_mode=image_mode,
             device=device,
+            **tracking,
         )
-        _configure(cal, "calibrate", retries)
+        configure(cal, STEP_RESOURCES["calibrate"], retries)
         alloc = allocate(
             calibration=cal.outputs["calibration"],
             target=target,
@@ -114,31 +95,26 @@ def build(retries: bool = True):
             seed=seed,
             recalibrate_bn=recalibrate_bn,
             device=device,
+            **tracking,
         )
-        _configure(alloc, "allocate", retries)
-        ev = evaluate(
+        configure(alloc, STEP_RESOURCES["allocate"], retries)
+        ev = evaluate_and_register(
             model=model,
             sparse_model=alloc.outputs["sparse_model"],
             data=data,
             weights=weights,
             task=task,
-            samples=evaluation_samples,
-            batch_size=eval_batch_size,
+            evaluation_samples=evaluation_samples,
+            eval_batch_size=eval_batch_size,
             tolerance=tolerance,
+            registry=registry,
+            name=name,
             image_size=image_size,
             image_mode=image_mode,
             device=device,
+            tracking=tracking,
+            retries=retries,
         )
-        _configure(ev, "evaluate", retries)
-        with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition, not a Python comparison)
-            reg = register(
-                sparse_model=alloc.outputs["sparse_model"],
-                metrics=ev.outputs["metrics"],
-                tolerance=tolerance,
-                registry=registry,
-                name=name,
-            )
-            _configure(reg, "register", retries)
         return Outputs(
             calibration=cal.outputs["calibration"],
             sparse_model=alloc.outputs["sparse_model"],

@@ -19,6 +19,10 @@ The sweep steps are never cached (they change the study); calibrate and allocate
 in the sparsify pipeline. Compile with :func:`compile_sweep`. On one machine the
 pipeline runs in KFP's local SubprocessRunner (kfp 2.17 runs ``dsl.ParallelFor`` there,
 iterations in parallel threads) with ``storage="sqlite:///<absolute path>"``.
+
+``tracking_uri`` serves both halves: the sweep's own MLflow runs, and the MLflow run of
+the final calibrate -> allocate -> evaluate -> register (in ``experiment``, under
+``pipeline_run_id`` or the KFP run's id, as in the sparsify pipeline).
 """
 
 from typing import NamedTuple
@@ -28,9 +32,8 @@ from kfp.dsl import Artifact, Dataset, Model
 
 from components.allocate.component import allocate
 from components.calibrate.component import calibrate
-from components.evaluate.component import evaluate
-from components.register.component import register
 from components.sweep.component import sweep_best, sweep_prepare, sweep_worker
+from pipelines.common import STEP_RESOURCES, configure, evaluate_and_register, tracking_args
 
 PIPELINE_NAME = "fcpts-sweep"
 
@@ -39,12 +42,8 @@ RESOURCES = {
     "sweep-prepare": ("1", "2", "4G", "8G", 2, False),
     "sweep-worker": ("4", "8", "8G", "16G", 1, False),
     "sweep-best": ("500m", "1", "2G", "4G", 2, False),
-    "calibrate": ("2", "4", "4G", "8G", 2, True),
-    "allocate": ("4", "8", "8G", "16G", 1, True),
-    "evaluate": ("2", "4", "4G", "8G", 2, False),
-    "register": ("500m", "1", "1G", "2G", 3, False),
+    **STEP_RESOURCES,
 }
-BACKOFF = "30s"
 
 
 class Outputs(NamedTuple):
@@ -52,16 +51,6 @@ class Outputs(NamedTuple):
     calibration: Dataset
     sparse_model: Model
     evaluation: Artifact
-
-
-def _configure(task, step: str, retries: bool):
-    cpu, cpu_limit, memory, memory_limit, num_retries, cache = RESOURCES[step]
-    task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
-    task.set_memory_request(memory).set_memory_limit(memory_limit)
-    task.set_caching_options(cache)
-    if retries:
-        task.set_retry(num_retries=num_retries, backoff_duration=BACKOFF, backoff_factor=2.0)
-    return task
 
 
 def build(retries: bool = True):
@@ -101,7 +90,10 @@ def build(retries: bool = True):
         device: str = "auto",
         threads: int = 0,
         grace: int = 60,
+        experiment: str = "fcpts",
+        pipeline_run_id: str = "",
     ) -> Outputs:
+        tracking = tracking_args(tracking_uri, experiment, pipeline_run_id)
         prep = sweep_prepare(
             model=model,
             storage=storage,
@@ -126,7 +118,7 @@ def build(retries: bool = True):
             device=device,
             grace=grace,
         )
-        _configure(prep, "sweep-prepare", retries)
+        configure(prep, RESOURCES["sweep-prepare"], retries)
         with dsl.ParallelFor(prep.output, name="workers") as worker:
             work = sweep_worker(
                 storage=storage,
@@ -139,9 +131,9 @@ def build(retries: bool = True):
                 threads=threads,
                 grace=grace,
             )
-            _configure(work, "sweep-worker", retries)
+            configure(work, RESOURCES["sweep-worker"], retries)
         best = sweep_best(storage=storage, study=study, tracking_uri=tracking_uri).after(work)
-        _configure(best, "sweep-best", retries)
+        configure(best, RESOURCES["sweep-best"], retries)
         cal = calibrate(
             model=model,
             data=data,
@@ -155,8 +147,9 @@ def build(retries: bool = True):
             image_size=image_size,
             image_mode=image_mode,
             device=device,
+            **tracking,
         )
-        _configure(cal, "calibrate", retries)
+        configure(cal, RESOURCES["calibrate"], retries)
         alloc = allocate(
             calibration=cal.outputs["calibration"],
             target=target,
@@ -166,32 +159,26 @@ def build(retries: bool = True):
             selection=selection,
             seed=seed,
             device=device,
+            **tracking,
         )
-        _configure(alloc, "allocate", retries)
-        ev = evaluate(
+        configure(alloc, RESOURCES["allocate"], retries)
+        ev = evaluate_and_register(
             model=model,
             sparse_model=alloc.outputs["sparse_model"],
             data=data,
             weights=weights,
             task=task,
-            samples=evaluation_samples,
-            batch_size=eval_batch_size,
+            evaluation_samples=evaluation_samples,
+            eval_batch_size=eval_batch_size,
             tolerance=tolerance,
+            registry=registry,
+            name=name,
             image_size=image_size,
             image_mode=image_mode,
             device=device,
+            tracking=tracking,
+            retries=retries,
         )
-        _configure(ev, "evaluate", retries)
-        # the local runner resolves only a task's "Output" in a condition (see sparsify.py)
-        with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition)
-            reg = register(
-                sparse_model=alloc.outputs["sparse_model"],
-                metrics=ev.outputs["metrics"],
-                tolerance=tolerance,
-                registry=registry,
-                name=name,
-            )
-            _configure(reg, "register", retries)
         return Outputs(
             sweep=best.outputs["sweep"],
             calibration=cal.outputs["calibration"],

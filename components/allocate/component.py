@@ -19,11 +19,17 @@ def allocate(
     recalibrate_bn: bool = False,
     device: str = "auto",
     log_every: int = 20,
+    tracking_uri: str = "",
+    experiment: str = "fcpts",
+    pipeline_run_id: str = "",
+    kfp_run_id: str = "",
 ):
     """Allocate ``target`` sparsity with ``method`` (uniform, global, erk, owl, fcpts) and
     write the sparse model folder: model.safetensors (the whole state_dict) and
     manifest.json. ``settings`` is a JSON object of allocator settings (e.g.
     {"iters": 100}); an empty ``score`` or ``selection`` keeps the calibration's.
+    ``tracking_uri`` (empty: no tracking), ``experiment`` and ``pipeline_run_id`` (empty:
+    ``kfp_run_id``, the KFP run's id, which the pipeline passes) choose the MLflow run.
     """
     import json
     import time
@@ -31,6 +37,7 @@ def allocate(
     started = time.time()
     from fcpts.steps import allocate as allocate_step
     from fcpts.steps import settings_from_json
+    from fcpts.steps.tracked import Tracking
 
     result = allocate_step(
         calibration.path,
@@ -44,6 +51,7 @@ def allocate(
         device=device,
         recalibrate_bn=recalibrate_bn,
         log_every=log_every,
+        tracking=Tracking.from_component(tracking_uri, experiment, pipeline_run_id, kfp_run_id),
     )
     m = result.manifest
     sparse_model.metadata.update(

@@ -21,6 +21,10 @@ def calibrate(
     image_size: int = 0,
     image_mode: str = "RGB",
     device: str = "auto",
+    tracking_uri: str = "",
+    experiment: str = "fcpts",
+    pipeline_run_id: str = "",
+    kfp_run_id: str = "",
 ):
     """Resolve the model and data sources, check they fit (one forward pass), and write
     the calibration artifact: batches, dense reference outputs and, for activation-aware
@@ -28,6 +32,8 @@ def calibrate(
 
     Empty strings and zeros mean "the source's default"; ``selection`` is a JSON object
     with any of include, exclude, keep_dense, bounds, min_sparsity, max_sparsity.
+    ``tracking_uri`` (empty: no tracking), ``experiment`` and ``pipeline_run_id`` (empty:
+    ``kfp_run_id``, the KFP run's id, which the pipeline passes) choose the MLflow run.
     """
     import json
     import time
@@ -35,6 +41,7 @@ def calibrate(
     started = time.time()
     from fcpts.steps import Sources
     from fcpts.steps import calibrate as calibrate_step
+    from fcpts.steps.tracked import Tracking
 
     result = calibrate_step(
         Sources(
@@ -52,6 +59,7 @@ def calibrate(
         seed=seed,
         selection=json.loads(selection) if selection else None,
         device=device,
+        tracking=Tracking.from_component(tracking_uri, experiment, pipeline_run_id, kfp_run_id),
     )
     calibration.metadata.update(
         {

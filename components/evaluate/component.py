@@ -23,6 +23,10 @@ def evaluate(
     image_size: int = 0,
     image_mode: str = "RGB",
     device: str = "auto",
+    tracking_uri: str = "",
+    experiment: str = "fcpts",
+    pipeline_run_id: str = "",
+    kfp_run_id: str = "",
 ) -> bool:
     """Evaluate the sparse model against the dense one on the evaluation split (disjoint
     from calibration): task metric, sparsity counted from the weights, size on disk,
@@ -31,6 +35,8 @@ def evaluate(
 
     ``evaluation`` is a folder with metrics.json, allocation.png, report.md and
     report.html; ``metrics`` holds metrics.json and the headline scalars.
+    ``tracking_uri`` (empty: no tracking), ``experiment`` and ``pipeline_run_id`` (empty:
+    ``kfp_run_id``, the KFP run's id, which the pipeline passes) choose the MLflow run.
     """
     import shutil
     import time
@@ -38,6 +44,7 @@ def evaluate(
     started = time.time()
     from fcpts.steps import Sources
     from fcpts.steps import evaluate as evaluate_step
+    from fcpts.steps.tracked import Tracking
 
     result = evaluate_step(
         Sources(
@@ -54,6 +61,7 @@ def evaluate(
         batch_size=batch_size or None,
         device=device,
         tolerance=tolerance,
+        tracking=Tracking.from_component(tracking_uri, experiment, pipeline_run_id, kfp_run_id),
     )
     files = result.files
     shutil.copyfile(files["metrics"], metrics.path)

@@ -14,16 +14,23 @@ def register(
     tolerance: float = 0.05,
     registry: str = "",
     name: str = "",
+    tracking_uri: str = "",
+    experiment: str = "fcpts",
+    pipeline_run_id: str = "",
+    kfp_run_id: str = "",
 ):
     """Re-apply the approval gate (quality drop within ``tolerance``, sparsity exactly at
     the target) and write decision.json (approved, reasons) to the ``decision`` folder;
-    when approved, call the registry ``module:function`` (empty: $FCPTS_REGISTRY, or
-    record only).
+    hand the decision to the registry ``module:function`` (empty: MLflow's registry when
+    tracking, else $FCPTS_REGISTRY, else record only; it registers approved models only).
+    ``tracking_uri`` (empty: no tracking), ``experiment`` and ``pipeline_run_id`` (empty:
+    ``kfp_run_id``, the KFP run's id, which the pipeline passes) choose the MLflow run.
     """
     import time
 
     started = time.time()
     from fcpts.steps import register as register_step
+    from fcpts.steps.tracked import Tracking
 
     result = register_step(
         metrics.path,
@@ -32,6 +39,7 @@ def register(
         tolerance=tolerance,
         registry=registry or None,
         name=name or None,
+        tracking=Tracking.from_component(tracking_uri, experiment, pipeline_run_id, kfp_run_id),
     )
     decision.metadata.update(
         {

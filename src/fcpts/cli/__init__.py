@@ -1,4 +1,5 @@
-"""The ``fcpts`` command line: calibrate, allocate, evaluate, register, run, compile, sweep.
+"""The ``fcpts`` command line: calibrate, allocate, evaluate, register, run, compile, sweep,
+promote, rollback.
 
 Exit codes: 0 success; 2 a mistake the user can fix (bad option, missing or malformed
 input, impossible target); 1 anything else. Errors are one line on stderr
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__, sweep_cli
 from ..errors import FcptsError, UserError
-from . import pipeline, run, step_commands
+from . import pipeline, registry, run, step_commands
 from .common import (  # noqa: F401  (re-exported: the CLI's names before it became a package)
     DEFAULT_PIPELINE_FILE,
     DEFAULT_ROOT,
@@ -29,6 +30,7 @@ from .common import (  # noqa: F401  (re-exported: the CLI's names before it bec
 )
 from .config import apply_config, load_config  # noqa: F401
 from .pipeline import cmd_compile, load_pipeline_module, project_root  # noqa: F401
+from .registry import cmd_promote, cmd_rollback
 from .run import cmd_run
 from .step_commands import cmd_allocate, cmd_calibrate, cmd_evaluate, cmd_register
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parsers(sub)
     pipeline.add_parsers(sub)
     sweep_cli.add_parser(sub)
+    registry.add_parsers(sub)
     return parser
 
 
@@ -60,6 +63,8 @@ COMMANDS = {
     "run": cmd_run,
     "compile": cmd_compile,
     "sweep": sweep_cli.run,
+    "promote": cmd_promote,
+    "rollback": cmd_rollback,
 }
 
 

@@ -112,6 +112,20 @@ def allocator_settings(
     return settings
 
 
+def tracking_from_args(args: argparse.Namespace):
+    """The steps' :class:`~fcpts.steps.tracked.Tracking` from --tracking-uri, --experiment
+    and --pipeline-run-id, or None with --no-tracking."""
+    from ..steps.tracked import Tracking
+
+    if getattr(args, "tracking", None) is False:
+        return None
+    return Tracking(
+        uri=getattr(args, "tracking_uri", None) or None,
+        experiment=getattr(args, "experiment", None),
+        pipeline_run_id=getattr(args, "pipeline_run_id", None) or None,
+    )
+
+
 def _sources(args: argparse.Namespace):
     from ..sources import Sources
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..tracking.names import DEFAULT_EXPERIMENT
 from .common import (
     DATA_HELP,
     DEFAULT_TOLERANCE,
@@ -273,3 +274,40 @@ def _add_gate(p: argparse.ArgumentParser, required: bool) -> None:
             default=None,
             help="name to register under (default: <model>-<method>-<target>)",
         )
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "tracking",
+        "All steps of one pipeline run log to one MLflow run, found by the pipeline run id; a "
+        "step given no id continues the run recorded in its input folder.",
+    )
+    g.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking store: an mlflow server (http://host:5000), a database URI, or a "
+        "folder for an embedded store (default: $MLFLOW_TRACKING_URI, else the embedded "
+        "sqlite:///./mlruns/mlflow.db with artifacts in ./mlruns/artifacts)",
+    )
+    g.add_argument(
+        "--experiment",
+        metavar="NAME",
+        default=None,
+        help="MLflow experiment (default: the one recorded in the input folder, else "
+        f"{DEFAULT_EXPERIMENT})",
+    )
+    g.add_argument(
+        "--pipeline-run-id",
+        metavar="ID",
+        default=None,
+        help="the pipeline run to log to (letters, digits, . _ -; default: the one recorded in "
+        "the input folder, else a new one)",
+    )
+    g.add_argument(
+        "--no-tracking",
+        dest="tracking",
+        action="store_false",
+        default=None,
+        help="log nothing to MLflow (and register nowhere unless --registry is given)",
+    )

@@ -28,6 +28,7 @@ from .common import (
     _sources,
     allocator_settings,
     selection_overrides,
+    tracking_from_args,
 )
 from .options import (
     _add_allocator,
@@ -37,6 +38,7 @@ from .options import (
     _add_gate,
     _add_selection,
     _add_sources,
+    _add_tracking,
 )
 from .pipeline import _PipelineLog, load_pipeline_module
 
@@ -50,7 +52,8 @@ def add_parsers(sub) -> None:
         "approved) with Kubeflow Pipelines' local SubprocessRunner in this Python environment, then "
         "print the summary and each step's wall time. Defaults: the MiniLM demo at global sparsity "
         f"{RUN_DEFAULT_TARGET:g}. Artifacts land under --root/<run>/<step>/; the full log in "
-        "<run>/pipeline.log.",
+        "<run>/pipeline.log. With tracking (the default) the four steps log to one MLflow run "
+        "and an approved model is registered; the command prints how to open it.",
     )
     _add_sources(p)
     _add_calibration(p)
@@ -74,6 +77,7 @@ def add_parsers(sub) -> None:
     g.add_argument(
         "--verbose", action="store_true", default=None, help="stream the full KFP log to stdout"
     )
+    _add_tracking(p)
     _add_common(p)
 
 
@@ -130,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.target = RUN_DEFAULT_TARGET if args.target is None else args.target
     settings = allocator_settings(args, default_iters=RUN_DEFAULT_ITERS)
     _preflight(args, settings)
+    tracking = _tracking(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -161,6 +166,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "image_size": args.image_size or 0,
         "image_mode": _get(args, "image_mode", "RGB"),
         "device": _get(args, "device", "auto"),
+        "tracking_uri": tracking.uri if tracking else "",
+        "experiment": tracking.experiment if tracking else "fcpts",
+        "pipeline_run_id": tracking.pipeline_run_id if tracking else "",
     }
     pipeline = module.build(retries=False)
     iters = settings.get("iters")
@@ -254,5 +262,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     )
     print(f"artifacts: {run_dir}  (report: {evaluation_dir / 'report.html'}; log: {final_log})")
+    if tracking is not None:
+        print(tracking_summary(tracking))
     print(f"{PROG} run finished in {time.perf_counter() - command_start:.1f} s")
     return 0
+
+
+def _tracking(args: argparse.Namespace):
+    """The run's tracking with its store resolved to an absolute URI (the steps run in other
+    folders) and a new pipeline run id; an mlflow server must answer before anything runs."""
+    from dataclasses import replace
+
+    tracking = tracking_from_args(args)
+    if tracking is None:
+        return None
+    from ..tracking.connection import Store, is_http, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking.uri)
+    if is_http(uri):
+        Store(uri).check()
+    return replace(tracking, uri=uri).resolve()
+
+
+def tracking_summary(tracking) -> str:
+    """Where the pipeline's MLflow run is and how to open it."""
+    from ..errors import ServiceError
+    from ..tracking.connection import Store, is_http, redact, sqlite_path
+    from ..tracking.names import TAG_PIPELINE_RUN_ID
+
+    where = f"experiment {tracking.experiment}"
+    try:
+        store = Store(tracking.uri)
+        exp = store.call(
+            "look up the experiment", store.client.get_experiment_by_name, tracking.experiment
+        )
+        query = f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}'"
+        runs = store.call(
+            "find the run", store.client.search_runs, [exp.experiment_id], filter_string=query
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            where += f", run {run_id} (#/experiments/{exp.experiment_id}/runs/{run_id})"
+    except (ServiceError, AttributeError) as exc:
+        where += f" (not readable now: {exc})"
+    lines = [f"mlflow: pipeline run {tracking.pipeline_run_id} in {redact(tracking.uri)}: {where}"]
+    if sqlite_path(tracking.uri) is not None:
+        exe = Path(sys.executable).with_name("mlflow")
+        shown = os.path.relpath(exe) if exe.is_file() else "mlflow"
+        shown = shown if not shown.startswith("..") else str(exe)
+        lines.append(
+            f"open it: {shown} ui --backend-store-uri {tracking.uri}  (then http://127.0.0.1:5000)"
+        )
+    elif is_http(tracking.uri):
+        lines.append(f"open it: {redact(tracking.uri).rstrip('/')}")
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from .common import (
     _sources,
     allocator_settings,
     selection_overrides,
+    tracking_from_args,
 )
 from .options import (
     _add_allocator,
@@ -27,6 +28,7 @@ from .options import (
     _add_gate,
     _add_selection,
     _add_sources,
+    _add_tracking,
 )
 
 
@@ -46,6 +48,7 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--out", metavar="DIR", default=None, help="calibration folder to write (required)"
     )
+    _add_tracking(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -75,6 +78,7 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--out", metavar="DIR", default=None, help="sparse model folder to write (required)"
     )
+    _add_tracking(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -108,6 +112,7 @@ def add_parsers(sub) -> None:
         default=None,
         help="folder for metrics.json and the reports (required)",
     )
+    _add_tracking(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -116,22 +121,39 @@ def add_parsers(sub) -> None:
         help="apply the approval gate and record the decision",
         description="Approve the sparse model if its quality drop versus dense is within --tolerance and "
         "its sparsity counted from the weights is exactly the target; write DIR/decision.json with the "
-        "reasons; hand an approved model to --registry.",
+        "reasons; hand an approved model to the registry: MLflow's (a new version, alias challenger, "
+        "champion if it beats the champion), or --registry. --from registers a result that stayed "
+        "on disk because the tracking store did not answer.",
     )
     p.add_argument(
         "--metrics",
         metavar="PATH",
         default=None,
-        help="metrics.json, or the --out folder of `fcpts evaluate` (required)",
+        help="metrics.json, or the --out folder of `fcpts evaluate` (required unless --from)",
     )
     p.add_argument(
         "--sparse",
         metavar="DIR",
         default=None,
-        help="the --out folder of `fcpts allocate` (required)",
+        help="the --out folder of `fcpts allocate` (required unless --from)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="DIR",
+        default=None,
+        help="a result left on disk: the folder of one `fcpts run` (runs/fcpts-sparsify-...) or "
+        "the --out folder of `fcpts evaluate`; logs what its MLflow run lacks, then registers "
+        "it (idempotent: no second version for the same run)",
     )
     _add_gate(p, required=True)
-    p.add_argument("--out", metavar="DIR", default=None, help="folder for decision.json (required)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="folder for decision.json (required; with --from: default DIR/register/decision)",
+    )
+    _add_tracking(p)
     _add_common(p)
 
 
@@ -150,6 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         selection=selection_overrides(args) or None,
         device=_get(args, "device", "auto"),
         progress_bar=_progress_enabled(args),
+        tracking=tracking_from_args(args),
     )
     info = cal.info
     norms = info["input_norm_layers"]
@@ -180,6 +203,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     }
     selection = selection_overrides(args) or None
     _check_allocation_options(common["target"], common["method"], settings, args.score)
+    tracking = tracking_from_args(args)
     if args.calibration:
         if args.data:
             raise UserError(
@@ -196,6 +220,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             score=args.score,
             selection=selection,
             resolved=resolved,
+            tracking=tracking,
             **common,
         )
     else:
@@ -203,6 +228,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from ..sources import resolve_model
 
         resolved = resolve_model(args.model, args.weights)
+        tracking = tracking.resolve() if tracking is not None else None  # one id for both steps
         with tempfile.TemporaryDirectory(prefix="fcpts-calibration-") as tmp:
             cal = calibrate(
                 _sources(args),
@@ -215,8 +241,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 device=common["device"],
                 progress_bar=common["progress_bar"],
                 resolved=resolved,
+                tracking=tracking,
             )
-            result = allocate(cal, args.out, resolved=resolved, **common)
+            result = allocate(cal, args.out, resolved=resolved, tracking=tracking, **common)
     m = result.manifest
     notes = []
     if m.get("history"):
@@ -253,6 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tolerance=tolerance,
         latency_seconds=_get(args, "latency_seconds", 1.0),
         progress_bar=_progress_enabled(args),
+        tracking=tracking_from_args(args),
     )
     manifest = read_manifest(args.sparse)
     print(
@@ -268,15 +296,34 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .. import report
     from ..steps import register
 
-    _require(args, "metrics", "sparse", "out")
-    result = register(
-        args.metrics,
-        args.sparse,
-        args.out,
-        tolerance=_get(args, "tolerance", DEFAULT_TOLERANCE),
-        registry=args.registry,
-        name=args.name,
-    )
+    tolerance = _get(args, "tolerance", DEFAULT_TOLERANCE)
+    tracking = tracking_from_args(args)
+    if args.from_path:
+        from ..steps.backfill import register_from
+
+        if args.metrics or args.sparse:
+            raise UserError("--from replaces --metrics and --sparse: give one or the other")
+        if tracking is None:
+            raise UserError("--from logs to MLflow: drop --no-tracking")
+        result = register_from(
+            args.from_path,
+            args.out,
+            tolerance=tolerance,
+            tracking=tracking,
+            name=args.name,
+            registry=args.registry,
+        )
+    else:
+        _require(args, "metrics", "sparse", "out")
+        result = register(
+            args.metrics,
+            args.sparse,
+            args.out,
+            tolerance=tolerance,
+            registry=args.registry,
+            name=args.name,
+            tracking=tracking,
+        )
     print(report.summary(decision=result.record))
     print(f"wrote {result.path}")
     return 0

@@ -9,6 +9,7 @@ data came from, so evaluation can reload the dense model and stay disjoint).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from collections.abc import Mapping
@@ -26,10 +27,13 @@ from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
+from ..tracking.names import TAG_STEP
 from .calibrate import Calibration, load_calibration
 from .common import move, resolve_score, selection_from_dict, selection_to_dict
+from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_allocation
 
 HISTORY_POINTS = 50
+CURVE_BATCH = 50  # allocator iterations per request of curve points (or every 10 s)
 
 
 @dataclass
@@ -57,6 +61,7 @@ def allocate(
     log_every: int = 0,
     resolved: ResolvedModel | None = None,
     callback: Callback | None = None,
+    tracking: Tracking | None = None,
 ) -> Allocated:
     """Allocate ``target`` sparsity with ``method`` and save the sparse model to ``out_dir``.
 
@@ -66,10 +71,74 @@ def allocate(
     (for fcpts, ``seed`` fills its ``seed`` setting unless given). ``recalibrate_bn``
     re-estimates BatchNorm statistics of the sparse model on the calibration batches.
     ``log_every`` > 0 prints a progress line every that many iterations of a learned
-    method (for logs without a terminal, e.g. a pipeline step).
+    method (for logs without a terminal, e.g. a pipeline step). ``tracking`` sends the
+    allocator's per-iteration loss and global sparsity to the pipeline's MLflow run while
+    it runs, then the params, the manifest and the per-layer chart
+    (:mod:`fcpts.steps.tracked`).
     """
     start = time.perf_counter()
     cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    work = functools.partial(
+        _allocate,
+        cal,
+        out_dir,
+        target=target,
+        method=method,
+        score=score,
+        settings=settings,
+        selection=selection,
+        seed=seed,
+        device=device,
+        recalibrate_bn=recalibrate_bn,
+        progress_bar=progress_bar,
+        log_every=log_every,
+        resolved=resolved,
+        start=start,
+    )
+    if tracking is None:
+        return work(callback=callback, tracking=None)
+    tracking = tracking.resolve(cal.info)
+    run = tracking.open()
+    run.set_tags({TAG_STEP + "allocate": "running"})
+    curves = run.curve_logger(every=CURVE_BATCH)
+    with failure_recorded(tracking, "allocate", run):
+        result = work(callback=_chain(curves, callback), tracking=tracking)
+    curves.close()
+    log_allocation(run, result.path)
+    finish_step(run, "allocate", result.manifest["step_seconds"])
+    return result
+
+
+def _chain(first: Callback, second: Callback | None) -> Callback:
+    if second is None:
+        return first
+
+    def callback(iteration: int, record: dict[str, float]) -> None:
+        first(iteration, record)
+        second(iteration, record)
+
+    return callback
+
+
+def _allocate(
+    cal: Calibration,
+    out_dir: str | os.PathLike,
+    *,
+    target: float,
+    method: str,
+    score: str | None,
+    settings: Mapping[str, Any] | None,
+    selection: LayerSelection | Mapping[str, Any] | None,
+    seed: int,
+    device: str,
+    recalibrate_bn: bool,
+    progress_bar: bool,
+    log_every: int,
+    resolved: ResolvedModel | None,
+    callback: Callback | None,
+    tracking: Tracking | None,
+    start: float,
+) -> Allocated:
     info = cal.info
     score = resolve_score(score, default=info["score"])
     model = resolved or resolve_model(info["sources"]["model"], info["sources"].get("weights"))
@@ -147,6 +216,8 @@ def allocate(
         "history": _thin(allocation.history),
         "step_seconds": None,
     }
+    if tracking is not None:
+        extra[RECORD_KEY] = tracking.record()
     data = manifest(allocation, extra)
     data["step_seconds"] = round(time.perf_counter() - start, 3)
     path = save_sparse(sparse, data, out_dir)

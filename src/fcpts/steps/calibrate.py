@@ -50,6 +50,7 @@ from .common import (
     selection_to_dict,
     write_json,
 )
+from .tracked import RECORD_KEY, Tracking, failure_recorded, log_calibration
 
 FORMAT = "fcpts.calibration/1"
 INFO_FILE = "calibration.json"
@@ -83,6 +84,7 @@ def calibrate(
     device: str = "auto",
     progress_bar: bool = False,
     resolved: ResolvedModel | None = None,
+    tracking: Tracking | None = None,
 ) -> Calibration:
     """Write a calibration artifact for ``sources`` to ``out_dir`` and return it.
 
@@ -91,8 +93,44 @@ def calibrate(
     to the source's defaults (16 per batch for
     encoders); ``selection`` to the source's default layer selection (a mapping overrides
     only the fields it names, see :func:`selection_from_dict`). ``resolved`` reuses an
-    already loaded model.
+    already loaded model. ``tracking`` logs the calibration data and the model's source
+    and digest to the pipeline's MLflow run after the folder is written
+    (:mod:`fcpts.steps.tracked`).
     """
+    tracking = tracking.resolve() if tracking is not None else None
+    with failure_recorded(tracking, "calibrate"):
+        cal = _calibrate(
+            sources,
+            out_dir,
+            score=score,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            selection=selection,
+            device=device,
+            progress_bar=progress_bar,
+            resolved=resolved,
+            tracking=tracking,
+        )
+    if tracking is not None:
+        log_calibration(tracking, cal.info, cal.batches)
+    return cal
+
+
+def _calibrate(
+    sources: Sources,
+    out_dir: str | os.PathLike,
+    *,
+    score: str,
+    samples: int | None,
+    batch_size: int | None,
+    seed: int,
+    selection: LayerSelection | Mapping[str, Any] | None,
+    device: str,
+    progress_bar: bool,
+    resolved: ResolvedModel | None,
+    tracking: Tracking | None,
+) -> Calibration:
     start = time.perf_counter()
     resolve_score(score)  # an unknown score fails before the model loads
     model = resolved or resolve_model(sources.model, sources.weights)
@@ -166,6 +204,8 @@ def calibrate(
         "device": str(dev),
         "step_seconds": round(time.perf_counter() - start, 3),
     }
+    if tracking is not None:
+        info[RECORD_KEY] = tracking.record()
     write_json(out / INFO_FILE, info)
     return Calibration(path=out, info=info, batches=batches, reference=reference, input_norms=norms)
 

@@ -46,10 +46,11 @@ from ..sources import (
     sample_digests,
     task_kind,
 )
-from ..sparse_model import load_sparse, round_half_up
+from ..sparse_model import load_sparse, read_manifest, round_half_up
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
 from .common import move, positive_int, progress, write_json
+from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
 
 FORMAT = "fcpts.metrics/1"
 METRICS_FILE = "metrics.json"
@@ -90,6 +91,7 @@ def evaluate(
     latency_seconds: float = 1.0,
     progress_bar: bool = False,
     resolved: ResolvedModel | None = None,
+    tracking: Tracking | None = None,
 ) -> Evaluation:
     """Evaluate the sparse model in ``sparse`` against the dense ``sources.model``.
 
@@ -97,7 +99,50 @@ def evaluate(
     used for the same data, keeping the splits disjoint). ``tolerance``, when given, adds
     the approval gate's decision to the metrics (see :func:`fcpts.steps.register.gate`).
     ``latency_seconds`` is the time budget of each latency measurement.
+    ``tracking`` logs the evaluation data, the metrics, the reports and the sparse model
+    (MLflow's PyTorch flavour) to the pipeline's MLflow run after the folder is written
+    (:mod:`fcpts.steps.tracked`).
     """
+    if tracking is not None:
+        tracking = tracking.resolve(read_manifest(sparse))
+    with failure_recorded(tracking, "evaluate"):
+        result, logged = _evaluate(
+            sources,
+            sparse,
+            out_dir,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            tolerance=tolerance,
+            latency_seconds=latency_seconds,
+            progress_bar=progress_bar,
+            resolved=resolved,
+            tracking=tracking,
+        )
+    if tracking is not None:
+        run = tracking.open()
+        log_evaluation(run, result.path, result.metrics, **logged)
+        finish_step(run, "evaluate", result.metrics["step_seconds"])
+    return result
+
+
+def _evaluate(
+    sources: Sources,
+    sparse: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    samples: int | None,
+    batch_size: int | None,
+    seed: int | None,
+    device: str,
+    tolerance: float | None,
+    latency_seconds: float,
+    progress_bar: bool,
+    resolved: ResolvedModel | None,
+    tracking: Tracking | None,
+) -> tuple[Evaluation, dict[str, Any]]:
+    """The evaluation, and what tracking logs besides the files (see log_evaluation)."""
     start = time.perf_counter()
     model = resolved or resolve_model(sources.model, sources.weights)
     dense_digest = model.digest()
@@ -193,6 +238,8 @@ def evaluate(
 
         decision = gate(metrics, manifest, tolerance)
         metrics["gate"] = decision.to_dict(tolerance)
+    if tracking is not None:
+        metrics[RECORD_KEY] = tracking.record()
     metrics["step_seconds"] = round(time.perf_counter() - start, 3)
 
     out = Path(out_dir)
@@ -204,7 +251,13 @@ def evaluate(
         report.render_html(metrics, manifest, (out / CHART_FILE).read_bytes())
     )
     write_json(out / METRICS_FILE, metrics)
-    return Evaluation(path=out, metrics=metrics)
+    logged = {
+        "sparse_net": sparse_net,
+        "batches": batches,
+        "task": task,
+        "data_source": data.source,
+    }
+    return Evaluation(path=out, metrics=metrics), logged
 
 
 @torch.no_grad()

@@ -29,11 +29,14 @@ from typing import Any
 
 from ..errors import FcptsError, ServiceError, UserError
 from ..sparse_model import read_manifest, round_half_up
+from ..tracking.names import TAG_STEP
 from .common import read_json, write_json
+from .tracked import Tracking, failure_recorded, finish_step
 
 FORMAT = "fcpts.decision/1"
 DECISION_FILE = "decision.json"
 REGISTRY_ENV = "FCPTS_REGISTRY"
+MLFLOW_REGISTRY = "mlflow (fcpts.tracking.registry)"
 
 
 @dataclass
@@ -199,15 +202,55 @@ def register(
     tolerance: float,
     registry: str | Registry | None = None,
     name: str | None = None,
+    tracking: Tracking | None = None,
 ) -> Registration:
     """Gate the sparse model, record ``decision.json`` in ``out_dir``, and hand the decision
-    to the registry (which registers approved models only)."""
+    to the registry (which registers approved models only).
+
+    With ``tracking`` the registry defaults to MLflow's (:func:`fcpts.tracking.registry_hook`
+    on the pipeline's MLflow run: a new version, alias ``challenger``, ``champion`` when it
+    beats the champion); an explicit ``registry`` wins. The step's record and
+    ``decision.json`` go to the run, which is then ended."""
     start = time.perf_counter()
     tolerance = check_tolerance(tolerance)
     data = _load_metrics(metrics)
     manifest = read_manifest(sparse)
     decision = gate(data, manifest, tolerance)
-    fn, registry_name = load_registry(registry)
+    if tracking is None:
+        fn, registry_name = load_registry(registry)
+        return _register(
+            data, manifest, decision, sparse, out_dir, tolerance, fn, registry_name, name, start
+        )
+    tracking = tracking.resolve(data, manifest)
+    run = tracking.open()
+    run.set_tags({TAG_STEP + "register": "running"})
+    if registry is None:
+        from ..tracking.registry import registry_hook
+
+        fn, registry_name = registry_hook(run.run_id, tracking_uri=tracking.uri), MLFLOW_REGISTRY
+    else:
+        fn, registry_name = load_registry(registry)
+    with failure_recorded(tracking, "register", run):
+        result = _register(
+            data, manifest, decision, sparse, out_dir, tolerance, fn, registry_name, name, start
+        )
+    run.log_artifact(result.path, "registration")
+    finish_step(run, "register", result.record["step_seconds"])
+    return result
+
+
+def _register(
+    data: dict[str, Any],
+    manifest: dict[str, Any],
+    decision: Decision,
+    sparse: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tolerance: float,
+    fn: Registry | None,
+    registry_name: str | None,
+    name: str | None,
+    start: float,
+) -> Registration:
     sources = manifest.get("sources") or {}
     model_name = name or _default_name(str(sources.get("model", "model")), manifest)
     record: dict[str, Any] = {

@@ -40,11 +40,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ..errors import ServiceError
+from .names import DEFAULT_EXPERIMENT
 
 T = TypeVar("T")
 
 DEFAULT_ROOT = "mlruns"
-DEFAULT_EXPERIMENT = "fcpts"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_ATTEMPTS = "FCPTS_MLFLOW_ATTEMPTS"
 ENV_BACKOFF = "FCPTS_MLFLOW_BACKOFF"

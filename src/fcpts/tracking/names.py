@@ -6,7 +6,11 @@ CLI and the tests agree on them.
 
 from __future__ import annotations
 
+import re
+
 NA = "n/a"
+DEFAULT_EXPERIMENT = "fcpts"
+PIPELINE_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # ---- run params: the same names on every run (n/a where they do not apply)
 PARAM_NAMES = (
@@ -43,6 +47,7 @@ TAG_MODEL_URI = "fcpts.model_uri"
 TAG_MODEL_ID = "fcpts.model_id"
 TAG_FAILED_STEP = "fcpts.failed_step"
 TAG_STEP = "fcpts.step."  # + step name: running, done, failed
+TAG_BACKFILLED = "fcpts.backfilled."  # + step name: logged later by fcpts register --from
 TAG_DIGEST = "fcpts.{context}_digest"  # fcpts.calibration_digest, fcpts.evaluation_digest
 TAG_GATE = "fcpts.gate"  # approved, rejected
 TAG_GATE_REASONS = "fcpts.gate_reasons"

@@ -610,8 +610,9 @@ def promote(
     version = str(version)
     store = Store(tracking_uri, retry=retry)
     with RegistryLock(store, name, timeout=lock_timeout) as lock:
+        rm = _registered_model(store, name)  # an unknown model says so, not "no version"
         _version(store, name, version)
-        current = _aliases(_registered_model(store, name)).get(ALIAS_CHAMPION)
+        current = _aliases(rm).get(ALIAS_CHAMPION)
         if current == version:
             return ChampionChange(
                 name, version, current, f"version {version} is the champion already"

@@ -77,6 +77,7 @@ from .names import (
     METRIC_SPARSE,
     NA,
     PARAM_NAMES,
+    PIPELINE_RUN_ID_RE,
     STEP_SECONDS,
     TAG_DIGEST,
     TAG_FAILED_STEP,
@@ -95,7 +96,6 @@ log = logging.getLogger(__name__)
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 MODEL_NAME = "sparse_model"
 
-_PIPELINE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
@@ -398,7 +398,7 @@ class PipelineRun:
         reached (after retries), UserError for an invalid pipeline run id.
         """
         pid = pipeline_run_id or new_pipeline_run_id()
-        if not _PIPELINE_ID_RE.match(pid):
+        if not PIPELINE_RUN_ID_RE.match(pid):
             raise UserError(
                 f"pipeline run id {pid!r} is not valid: use 1-128 letters, digits, '.', '_' or '-'"
             )

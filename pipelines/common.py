@@ -1,0 +1,103 @@
+"""What the sparsify and sweep pipelines share: per-step resources, retries and caching,
+the tracking arguments every step takes, and the evaluate -> register-if-approved tail.
+
+Tracking: every step gets ``tracking_uri`` (empty: no tracking), ``experiment`` and
+``pipeline_run_id``, plus ``kfp_run_id`` = the KFP run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``,
+resolved by a cluster and by kfp.local alike), which the steps use when
+``pipeline_run_id`` is empty, so all steps of one KFP run share one MLflow run without an
+extra task. The ids are inputs of every step: with tracking on, a new pipeline run
+recomputes calibrate and allocate instead of taking them from the cache (a cached step
+would leave the new MLflow run without its calibration data and curves).
+"""
+
+from __future__ import annotations
+
+from kfp import dsl
+
+from components.evaluate.component import evaluate
+from components.register.component import register
+
+# (cpu request, cpu limit, memory request, memory limit, retries, caching)
+STEP_RESOURCES = {
+    "calibrate": ("2", "4", "4G", "8G", 2, True),
+    "allocate": ("4", "8", "8G", "16G", 1, True),
+    "evaluate": ("2", "4", "4G", "8G", 2, False),
+    "register": ("500m", "1", "1G", "2G", 3, False),
+}
+BACKOFF = "30s"
+
+
+def configure(task, resources: tuple, retries: bool):
+    """Set a task's requests, limits and caching, and its retry policy when ``retries``."""
+    cpu, cpu_limit, memory, memory_limit, num_retries, cache = resources
+    task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory).set_memory_limit(memory_limit)
+    task.set_caching_options(cache)
+    if retries:
+        task.set_retry(num_retries=num_retries, backoff_duration=BACKOFF, backoff_factor=2.0)
+    return task
+
+
+def tracking_args(tracking_uri, experiment, pipeline_run_id) -> dict:
+    """The tracking inputs of a step (pipeline parameters plus the KFP run's id)."""
+    return {
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "pipeline_run_id": pipeline_run_id,
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    }
+
+
+def evaluate_and_register(
+    *,
+    model,
+    sparse_model,
+    data,
+    weights,
+    task,
+    evaluation_samples,
+    eval_batch_size,
+    tolerance,
+    registry,
+    name,
+    image_size,
+    image_mode,
+    device,
+    tracking: dict,
+    retries: bool,
+):
+    """evaluate, then register under ``dsl.If`` on the gate; returns the evaluate task.
+
+    kfp.local 2.17 (SubprocessRunner) runs ``dsl.If`` itself, but its condition evaluator
+    only resolves a task output named ``Output`` (the channel ``<task>-Output``): a named
+    output such as a NamedTuple field ``approved`` is looked up as a pipeline parameter,
+    is not found, the condition counts as false and the branch is silently skipped. So the
+    gate is evaluate's return value, ``evaluate.outputs["Output"]``, which both the local
+    runner and a cluster resolve.
+    """
+    ev = evaluate(
+        model=model,
+        sparse_model=sparse_model,
+        data=data,
+        weights=weights,
+        task=task,
+        samples=evaluation_samples,
+        batch_size=eval_batch_size,
+        tolerance=tolerance,
+        image_size=image_size,
+        image_mode=image_mode,
+        device=device,
+        **tracking,
+    )
+    configure(ev, STEP_RESOURCES["evaluate"], retries)
+    with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition, not a Python comparison)
+        reg = register(
+            sparse_model=sparse_model,
+            metrics=ev.outputs["metrics"],
+            tolerance=tolerance,
+            registry=registry,
+            name=name,
+            **tracking,
+        )
+        configure(reg, STEP_RESOURCES["register"], retries)
+    return ev

@@ -1,0 +1,222 @@
+"""MLflow tracking of the pipeline steps: which MLflow run a step logs to and what it logs.
+
+A step tracks when it is given a :class:`Tracking` (the CLI and the KFP components give
+one unless tracking is turned off; library calls track nothing by default). All steps of
+one pipeline run log to one MLflow run, found by its pipeline run id (see
+:mod:`fcpts.tracking.tracking` for the layout and why it is one run).
+
+The pipeline run id travels with the artifacts: calibrate writes a ``tracking`` block
+(pipeline run id, experiment, store) into ``calibration.json``, allocate copies it into
+``manifest.json`` and evaluate into ``metrics.json``, so a step given no id continues
+the run of its input (``fcpts calibrate`` then ``fcpts allocate --calibration`` land in
+one MLflow run). An explicit id wins.
+
+Order: each step does its work and writes its output folder first, then logs. Only
+allocate opens the run before the work, so the allocator's loss and sparsity curves
+reach MLflow while it runs; those points are buffered when the store does not answer.
+A store that is down therefore never costs a result: the step fails with a ServiceError
+naming the store, its output stays on disk, and ``fcpts register --from`` logs and
+registers it later.
+
+MLflow is imported only when a step actually tracks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..tracking.names import (
+    DEFAULT_EXPERIMENT,
+    PIPELINE_RUN_ID_RE,
+    TAG_FAILED_STEP,
+    TAG_GATE,
+    TAG_GATE_REASONS,
+    TAG_STEP,
+)
+
+RECORD_KEY = "tracking"  # the block in calibration.json, manifest.json and metrics.json
+ALLOCATION_CHART = "allocation.png"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where and under which pipeline run a step logs.
+
+    ``uri``: the tracking store (None: ``$MLFLOW_TRACKING_URI``, else the embedded
+    ``sqlite:///./mlruns/mlflow.db``). ``experiment`` and ``pipeline_run_id``: None
+    continues the run named by the step's input, else the default experiment and a new
+    id (:meth:`resolve`).
+    """
+
+    uri: str | None = None
+    experiment: str | None = None
+    pipeline_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.experiment is not None and not str(self.experiment).strip():
+            raise UserError("--experiment must not be empty: give an MLflow experiment name")
+        if self.pipeline_run_id is not None:
+            check_pipeline_run_id(self.pipeline_run_id)
+
+    @classmethod
+    def from_component(
+        cls, tracking_uri: str, experiment: str, pipeline_run_id: str, kfp_run_id: str = ""
+    ) -> Tracking | None:
+        """The KFP components' parameters: an empty ``tracking_uri`` turns tracking off;
+        an empty ``pipeline_run_id`` falls back to the KFP run's id, shared by its tasks."""
+        if not str(tracking_uri or "").strip():
+            return None
+        pid = str(pipeline_run_id or "").strip() or _kfp_id(kfp_run_id)
+        return cls(str(tracking_uri).strip(), experiment or None, pid)
+
+    def resolve(self, *inputs: Mapping[str, Any] | None) -> Tracking:
+        """This tracking with a pipeline run id and an experiment: its own, else the ones
+        recorded in the first input (calibration info, manifest, metrics) that has them,
+        else a new id and the default experiment."""
+        recorded = next((data[RECORD_KEY] for data in inputs if (data or {}).get(RECORD_KEY)), {})
+        pid = self.pipeline_run_id or recorded.get("pipeline_run_id")
+        if not pid:
+            from ..tracking.tracking import new_pipeline_run_id
+
+            pid = new_pipeline_run_id()
+        experiment = self.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT
+        return replace(self, pipeline_run_id=str(pid), experiment=str(experiment))
+
+    def record(self) -> dict[str, Any]:
+        """The block written into the step's output (credentials removed)."""
+        from ..tracking.connection import redact, resolve_tracking_uri
+
+        return {
+            "pipeline_run_id": self.pipeline_run_id,
+            "experiment": self.experiment,
+            "tracking_uri": redact(resolve_tracking_uri(self.uri)),
+        }
+
+    def open(self, retry: Any = None):
+        """The pipeline's :class:`~fcpts.tracking.PipelineRun` (created when missing)."""
+        from ..tracking.tracking import PipelineRun
+
+        return PipelineRun.open(
+            self.pipeline_run_id,
+            tracking_uri=self.uri,
+            experiment=self.experiment or DEFAULT_EXPERIMENT,
+            retry=retry,
+        )
+
+
+def check_pipeline_run_id(pid: str) -> str:
+    if not PIPELINE_RUN_ID_RE.match(str(pid)):
+        raise UserError(
+            f"pipeline run id {pid!r} is not valid: use 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return str(pid)
+
+
+def _kfp_id(kfp_run_id: str) -> str | None:
+    pid = str(kfp_run_id or "").strip()
+    if not pid or pid.startswith("{{"):  # a placeholder nothing resolved
+        return None
+    return check_pipeline_run_id(pid)
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def finish_step(run: Any, step: str, seconds: float) -> None:
+    """Record a step as done with its wall time, and end the run (the next step reopens it)."""
+    run.log_metrics({f"{step}/seconds": float(seconds)})
+    run.set_tags({TAG_STEP + step: "done"})
+    run.finish()
+
+
+@contextlib.contextmanager
+def failure_recorded(tracking: Tracking | None, step: str, run: Any = None) -> Iterator[None]:
+    """Tag the run's step failed and end the run FAILED when the step's own work raises
+    (a mistake in the input opens no run for it; it marks a run already open). A store
+    that does not answer then is ignored: the step's error is the one to see."""
+    try:
+        yield
+    except BaseException as exc:
+        if tracking is not None and (run is not None or not isinstance(exc, UserError)):
+            with contextlib.suppress(Exception):
+                from ..tracking.connection import RetryPolicy
+
+                run = run or tracking.open(retry=RetryPolicy(attempts=1))
+                run.set_tags({TAG_STEP + step: "failed", TAG_FAILED_STEP: step})
+                run.finish("FAILED")
+        raise
+
+
+def log_calibration(tracking: Tracking, info: Mapping[str, Any], batches: list[Any]) -> None:
+    """calibrate: the calibration data as a dataset input (lineage: source and digest) and
+    the params it fixes, by the same names and values that allocate logs."""
+    run = tracking.open()
+    run.log_params(
+        {
+            "model_source": info["sources"]["model"],
+            "model_digest": info["model"]["sha256"],
+            "calibration_samples": info["samples"],
+        }
+    )
+    run.log_dataset(batches, context="calibration", source=info["data"]["source"])
+    finish_step(run, "calibrate", info["step_seconds"])
+
+
+def log_allocation(run: Any, sparse_dir: str | os.PathLike, *, curves: bool = True) -> None:
+    """allocate: the pipeline params, manifest and achieved sparsity, and the per-layer
+    chart; the curves from the manifest's history unless the allocator's callback sent
+    them already (``curves=False``)."""
+    from .. import report
+    from ..sparse_model import read_manifest
+    from ..tracking.tracking import pipeline_params
+
+    manifest = read_manifest(sparse_dir)
+    run.log_params(pipeline_params(manifest))
+    run.log_allocation(sparse_dir, history=None if curves else manifest.get("history"))
+    with tempfile.TemporaryDirectory(prefix="fcpts-chart-") as tmp:
+        title = (
+            f"{manifest['sources']['model']}: {manifest['method']} at target {manifest['target']:g}"
+        )
+        chart = report.chart(
+            manifest["layers"], manifest["target"], Path(tmp) / ALLOCATION_CHART, title
+        )
+        run.log_artifact(chart, "allocation")
+
+
+def log_evaluation(
+    run: Any,
+    eval_dir: str | os.PathLike,
+    metrics: Mapping[str, Any],
+    *,
+    sparse_net: Any,
+    batches: list[Any],
+    task: Any,
+    data_source: str,
+    model: bool = True,
+) -> str | None:
+    """evaluate: the evaluation data (dataset input), the metrics and reports, the gate's
+    verdict and, with ``model``, the sparse model (PyTorch flavour, signature and input
+    example from the first evaluation batch). Returns the logged model's URI."""
+    out = Path(eval_dir)
+    run.log_dataset(batches, context="evaluation", source=data_source)
+    run.log_evaluation(
+        out / "metrics.json", chart=out / "allocation.png", report=out / "report.html"
+    )
+    run.log_artifact(out / "report.md", "evaluation")
+    run.log_metrics({"evaluate/achieved_sparsity": metrics["achieved_sparsity"]})
+    gate = metrics.get("gate")
+    if gate:
+        run.set_tags(
+            {
+                TAG_GATE: "approved" if gate["approved"] else "rejected",
+                TAG_GATE_REASONS: "; ".join(gate["reasons"])[:5000],
+            }
+        )
+    return run.log_model(sparse_net, batches[0], task=task) if model else None
