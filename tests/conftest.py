@@ -11,6 +11,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import services  # noqa: E402  (tests/services.py: start/stop real services)
 
+
+# The CLI tracks to MLflow by default (--tracking-uri, else $MLFLOW_TRACKING_URI, else
+# ./mlruns): tests that do not choose a store get one of their own, not the checkout's.
+@pytest.fixture(scope="session", autouse=True)
+def _test_tracking_store(tmp_path_factory):
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    folder = tmp_path_factory.mktemp("mlruns")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 # --- real services ---
 # Session-scoped: each service starts once, on a free 127.0.0.1 port, and is stopped at
 # the end of the session. A missing binary skips the tests that need it, except under CI
