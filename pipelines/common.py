@@ -5,9 +5,10 @@ Tracking: every step gets ``tracking_uri`` (empty: no tracking), ``experiment`` 
 ``pipeline_run_id``, plus ``kfp_run_id`` = the KFP run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``,
 resolved by a cluster and by kfp.local alike), which the steps use when
 ``pipeline_run_id`` is empty, so all steps of one KFP run share one MLflow run without an
-extra task. The ids are inputs of every step: with tracking on, a new pipeline run
-recomputes calibrate and allocate instead of taking them from the cache (a cached step
-would leave the new MLflow run without its calibration data and curves).
+extra task. `fcpts run` passes a fresh ``pipeline_run_id``, so with tracking on its
+calibrate and allocate are recomputed, not taken from the cache (a cached step would leave
+the new MLflow run without its calibration data and curves); without tracking the inputs
+repeat and the cache works (kfp.local keys it on the unresolved placeholder).
 """
 
 from __future__ import annotations

@@ -218,13 +218,42 @@ def test_lower_sparsity_stays_challenger_then_promote_and_rollback(embedded):
 
 
 @pytest.mark.parametrize("server", list(SERVERS.values()), ids=list(SERVERS))
+@pytest.mark.filterwarnings("ignore:.*non-Python base image.*")
+@pytest.mark.filterwarnings("ignore:.*have no effect in the current local runner.*")
 def test_server_run_is_tracked_and_registered(server, request, tmp_path):
+    """The pipeline itself in kfp.local (no pipeline_run_id given: the steps share the KFP
+    run's id) against a real MLflow server."""
+    from kfp import local
+
+    from fcpts.cli import load_pipeline_module
+
     uri = request.getfixturevalue(server).tracking_uri
     name, experiment = f"digits-{uuid.uuid4().hex[:6]}", f"pipeline-{uuid.uuid4().hex[:6]}"
-    run_dir, pid, out = _pipeline(tmp_path / "runs", 0.7, name, experiment, uri=uri)
-    assert f"open it: {uri}" in out
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "runs"),
+        raise_on_error=True,
+    )
+    outputs = (
+        load_pipeline_module()
+        .build(retries=False)(
+            model="demo:digits-cnn",
+            target=0.7,
+            settings=json.dumps({"iters": ITERS}),
+            calibration_samples=64,
+            evaluation_samples=100,
+            tolerance=1.0,
+            name=name,
+            tracking_uri=uri,
+            experiment=experiment,
+        )
+        .outputs
+    )
+    run_dir = Path(outputs["evaluation"].path).parent.parent
     client = _client(uri)
-    run = _the_run(client, experiment, pid)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    pid = run.data.tags["fcpts.pipeline_run_id"]
+    assert pid and "{" not in pid
     _check_tracked_run(client, run, run_dir)
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags["source_run_id"] == run.info.run_id
