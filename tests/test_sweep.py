@@ -169,7 +169,7 @@ def test_real_trials_off_target_are_infeasible_for_the_sampler(tmp_path, monkeyp
         calls.append(1)
         return 3 if len(calls) == 1 else 0
 
-    monkeypatch.setattr(sw, "landing_gap", gap)
+    monkeypatch.setattr(sw.objective, "landing_gap", gap)  # where Objective looks it up
     result = _sweep(tmp_path / "out", 3, tracking_uri="", pruner_startup_trials=5)
     study = optuna.load_study(study_name=result.study_name, storage=result.storage)
     first = study.trials[0]
@@ -363,25 +363,12 @@ def test_cli_wires_into_a_parent_parser():
     assert "sqlite" in parser._subparsers._group_actions[0].choices["sweep"].format_help()
 
 
-def test_wired_into_fcpts_cli_with_a_config_file(first_sweep, tmp_path, monkeypatch, capsys):
-    """The two wiring lines for cli.py, applied here: `fcpts sweep --config` resumes the
-    first sweep's study (0 more trials), then `fcpts allocate --config allocate.json`
-    reproduces the best trial."""
-    import argparse
+def test_fcpts_cli_sweep_config_then_allocate_evaluate_register(first_sweep, tmp_path, capsys):
+    """`fcpts sweep --config` resumes the first sweep's study (0 more trials) and writes the
+    best.json contract; `fcpts allocate --config allocate.json` reproduces the best trial,
+    and the result goes on through `fcpts evaluate` and `fcpts register` as usual."""
+    from fcpts import cli
 
-    from fcpts import cli, sweep_cli
-
-    original = cli.build_parser
-
-    def build_parser():
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "sweep" not in sub.choices:
-            sweep_cli.add_parser(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
-    monkeypatch.setitem(cli.COMMANDS, "sweep", sweep_cli.run)
     out0, result = first_sweep
     config = {
         "model": MODEL,
@@ -402,13 +389,30 @@ def test_wired_into_fcpts_cli_with_a_config_file(first_sweep, tmp_path, monkeypa
     assert code == 0, capsys.readouterr().err
     best = json.loads((out / "best.json").read_text())
     assert best["trials"]["total"] == 2 and best["study"] == result.study_name
+    for key in ("value", "params", "trial"):
+        assert best[key] is not None, key
+    assert isinstance(best["baseline"]["value"], float) and best["baseline"]["trial"] == 0
+    assert best["improvement_over_baseline"] == pytest.approx(
+        best["value"] - best["baseline"]["value"]
+    )
 
-    code = cli.main(["allocate", "--config", str(out / "allocate.json"),
-                     "--out", str(tmp_path / "sparse"), "--quiet"])  # fmt: skip
+    sparse, evaluation, decision = (tmp_path / d for d in ("sparse", "eval", "reg"))
+    code = cli.main(["allocate", "--config", str(out / "allocate.json"), "--out", str(sparse),
+                     "--no-tracking", "--quiet"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    manifest = json.loads((tmp_path / "sparse" / "manifest.json").read_text())
+    manifest = json.loads((sparse / "manifest.json").read_text())
     assert manifest["score"] == best["score"] and manifest["exact"]
     assert {k: manifest["settings"][k] for k in best["params"]} == best["params"]
+
+    code = cli.main(["evaluate", "--model", MODEL, "--sparse", str(sparse), "--out",
+                     str(evaluation), "--latency-seconds", "0.05", "--no-tracking", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["evaluation"]["split"] == "evaluation" and metrics["metric"] == "top1"
+    code = cli.main(["register", "--metrics", str(evaluation), "--sparse", str(sparse),
+                     "--tolerance", "0.5", "--out", str(decision), "--no-tracking", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((decision / "decision.json").read_text())["approved"] is True
 
 
 # ---------------------------------------------------------------------- pipeline

@@ -1,13 +1,7 @@
 """``fcpts sweep``: the argparse wiring of :func:`fcpts.sweep.run_sweep`.
 
-Kept apart from :mod:`fcpts.cli` so the command can be developed on its own; the main CLI
-adds it with two lines (in ``build_parser`` and in ``COMMANDS``)::
-
-    sweep_cli.add_parser(sub)          # after the other sub.add_parser(...) calls
-    "sweep": sweep_cli.run,            # in COMMANDS
-
-Also runnable as ``python -m fcpts.sweep_cli sweep --model ...`` (or without the word
-``sweep``).
+:mod:`fcpts.cli` adds the command with :func:`add_parser` and :func:`run`. Also runnable on
+its own as ``python -m fcpts.sweep_cli sweep --model ...`` (or without the word ``sweep``).
 """
 
 from __future__ import annotations

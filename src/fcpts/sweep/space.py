@@ -1,0 +1,210 @@
+"""What a sweep searches (:class:`SearchSpace`) and what a study optimises
+(:class:`SweepSpec`, stored in the study so every worker runs the same thing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+
+SWEPT = ("lam", "lr", "weight_lr", "iters", "ste_width")
+SCORES = ("magnitude", "wanda")
+
+
+# ------------------------------------------------------------------------ search space
+
+
+def _pair(value: Any, name: str, cast: Callable[[Any], Any]) -> tuple[Any, Any]:
+    if isinstance(value, str):
+        lo, sep, hi = value.partition(":")
+        value = (lo, hi if sep else lo)
+    if isinstance(value, (int, float)):
+        value = (value, value)
+    try:
+        lo, hi = (cast(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"search range of {name} must be LO:HI numbers, got {value!r}") from None
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The ranges searched (floats on a log scale, ``iters`` uniform integers). A range
+    with ``lo == hi`` fixes that setting; ``score`` lists the scores tried."""
+
+    lam: tuple[float, float] = (0.1, 10.0)
+    lr: tuple[float, float] = (0.005, 0.2)
+    weight_lr: tuple[float, float] = (1e-4, 1e-2)
+    iters: tuple[int, int] = (50, 400)
+    ste_width: tuple[float, float] = (0.25, 4.0)
+    score: tuple[str, ...] = SCORES
+
+    def __post_init__(self) -> None:
+        for name in ("lam", "lr", "weight_lr", "ste_width"):
+            lo, hi = _pair(getattr(self, name), name, float)
+            if not (0 < lo <= hi) or not math.isfinite(hi):
+                raise UserError(
+                    f"search range of {name} must be 0 < LO <= HI (log scale), got {lo}:{hi}"
+                )
+            object.__setattr__(self, name, (lo, hi))
+        lo, hi = _pair(self.iters, "iters", _as_int)
+        if not 1 <= lo <= hi:
+            raise UserError(f"search range of iters must be 1 <= LO <= HI, got {lo}:{hi}")
+        object.__setattr__(self, "iters", (lo, hi))
+        scores = self.score.split(",") if isinstance(self.score, str) else self.score
+        scores = tuple(dict.fromkeys(str(s).strip() for s in scores if str(s).strip()))
+        bad = [s for s in scores if s not in SCORES]
+        if bad or not scores:
+            raise UserError(
+                f"scores to search must be among {', '.join(SCORES)}, got {','.join(scores) or 'none'}"
+            )
+        object.__setattr__(self, "score", scores)
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any] | Sequence[str] | None) -> SearchSpace:
+        """A space from ``{"lam": "0.5:2", "score": "wanda"}`` or ``["lam=0.5:2", ...]``;
+        names left out keep their default range."""
+        if not overrides:
+            return cls()
+        if not isinstance(overrides, Mapping):
+            items = {}
+            for item in overrides:
+                key, eq, value = str(item).partition("=")
+                if not eq or not key.strip():
+                    raise UserError(
+                        f"--space takes NAME=LO:HI (e.g. lam=0.1:10, score=wanda), got {item!r}"
+                    )
+                items[key.strip().replace("-", "_")] = value.strip()
+            overrides = items
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise UserError(f"cannot search {unknown[0]!r}: the sweep searches {', '.join(known)}")
+        return cls(**dict(overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def suggest(self, trial: Any) -> tuple[dict[str, Any], str]:
+        """The fcpts settings and the score that ``trial`` tries."""
+        settings = {
+            "lam": trial.suggest_float("lam", *self.lam, log=True),
+            "lr": trial.suggest_float("lr", *self.lr, log=True),
+            "weight_lr": trial.suggest_float("weight_lr", *self.weight_lr, log=True),
+            "iters": trial.suggest_int("iters", *self.iters),
+            "ste_width": trial.suggest_float("ste_width", *self.ste_width, log=True),
+        }
+        score = trial.suggest_categorical("score", list(self.score))
+        return settings, score
+
+    def baseline(self) -> tuple[dict[str, Any], list[str]]:
+        """The library defaults as trial params, each clipped into the searched range, and
+        the names that had to be clipped."""
+        from ..alloc.fcpts import FCPTS
+
+        defaults = FCPTS.Config()
+        params: dict[str, Any] = {}
+        clipped = []
+        for name in SWEPT:
+            lo, hi = getattr(self, name)
+            value = getattr(defaults, name)
+            inside = min(hi, max(lo, value))
+            if inside != value:
+                clipped.append(name)
+            params[name] = inside
+        score = "wanda" if "wanda" in self.score else self.score[0]
+        if score != "wanda":
+            clipped.append("score")
+        params["score"] = score
+        return params, clipped
+
+
+def _as_int(value: Any) -> int:
+    f = float(value)
+    if f != int(f):
+        raise ValueError(value)
+    return int(f)
+
+
+# ------------------------------------------------------------------------ study config
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a study optimises: stored in the study, so every worker runs the same thing."""
+
+    model: str
+    target: float
+    data: str | None = None
+    weights: str | None = None
+    task: str = "auto"
+    image_size: int | None = None
+    image_mode: str = "RGB"
+    seed: int = 0
+    calibration_samples: int | None = None
+    batch_size: int | None = None
+    validation_samples: int | None = None
+    eval_batch_size: int | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=lambda: SearchSpace().to_dict())
+    report_every: int = 20
+
+    def __post_init__(self) -> None:
+        from ..landing import check_target
+
+        object.__setattr__(self, "target", float(check_target(self.target)))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise UserError("no model source given: pass --model (e.g. demo:digits-cnn)")
+        clash = sorted(set(self.settings) & set(SWEPT))
+        if clash:
+            raise UserError(
+                f"setting {clash[0]!r} is searched by the sweep: fix it with --space "
+                f"{clash[0]}=X:X instead of --set"
+            )
+        if "seed" in self.settings:
+            raise UserError("give the seed with --seed, not as an allocator setting")
+        if int(self.report_every) < 1:
+            raise UserError(f"--report-every must be >= 1, got {self.report_every}")
+        for name in ("calibration_samples", "batch_size", "validation_samples", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value <= 0):
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+                )
+        SearchSpace.from_overrides(self.space)  # validates
+
+    @property
+    def search_space(self) -> SearchSpace:
+        return SearchSpace.from_overrides(self.space)
+
+    def sources(self):
+        from ..sources import Sources
+
+        return Sources(
+            model=self.model,
+            data=self.data,
+            weights=self.weights,
+            task=self.task,
+            image_size=self.image_size,
+            image_mode=self.image_mode,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def default_study_name(model: str, target: float) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(model)).strip("-")[:60] or "model"
+    return f"fcpts-{slug}-t{float(target):g}"
