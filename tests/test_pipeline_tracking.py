@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from conftest import REPO_ROOT, run_fcpts  # noqa: E402
 from test_tracking import _artifacts  # noqa: E402
 
+from fcpts.cli import main  # noqa: E402
 from fcpts.demos import load_demo  # noqa: E402
 from fcpts.sparse_model import load_sparse  # noqa: E402
 from fcpts.tracking.connection import Store  # noqa: E402
@@ -48,7 +49,7 @@ def _pipeline(root, target, name, experiment, uri=None, **kwargs):
     r = run_fcpts(*_pipeline_args(root, target, name, experiment, uri), **kwargs)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = Path(re.search(r"^artifacts: (\S+)", r.stdout, re.M)[1])
-    pid = re.search(r"^mlflow: pipeline run (\S+) in ", r.stdout, re.M)[1]
+    pid = re.search(r"^mlflow: pipeline run (\S+) in experiment ", r.stdout, re.M)[1]
     return run_dir, pid, r.stdout
 
 
@@ -150,7 +151,7 @@ def test_embedded_store_run_is_tracked_and_registered(embedded):
     )
 
 
-def test_lower_sparsity_stays_challenger_then_promote_and_rollback(embedded):
+def test_lower_sparsity_stays_challenger_then_promote_and_rollback(embedded, capsys):
     uri, name = embedded["uri"], embedded["name"]
     run_dir, pid, out = _pipeline(embedded["here"] / "runs", 0.7, name, "fcpts", uri=uri)
     client = _client(uri)
@@ -182,10 +183,12 @@ def test_lower_sparsity_stays_challenger_then_promote_and_rollback(embedded):
         (("promote", name, "9"), f"model '{name}' has no version '9'"),
         (("promote", name, "two"), "VERSION must be a version number"),
         (("rollback", "no-such-model"), "there is no registered model 'no-such-model'"),
+        (("register", "--from", run_dir / "nowhere"), "no such folder"),
+        (("register", "--from", run_dir / "allocate"), "no result there"),
     ):
-        r = run_fcpts(*args, "--tracking-uri", uri)
-        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert main([str(a) for a in (*args, "--tracking-uri", uri)]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
 
     # four `fcpts register` processes at once, two per pipeline run, to one new model name
     race = f"digits-race-{uuid.uuid4().hex[:6]}"

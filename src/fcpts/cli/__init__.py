@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="fcpts: make a trained PyTorch model sparse without retraining, at exactly the "
         "global sparsity you ask for, with a learned per-layer allocation.",
         epilog="Steps: calibrate -> allocate -> evaluate -> register; `run` does all four through the "
-        "Kubeflow Pipelines local runner, `compile` writes the pipeline for a cluster.\n"
+        "Kubeflow Pipelines local runner, `compile` writes the pipeline for a cluster; every step logs "
+        "to MLflow (--tracking-uri, --no-tracking) and `promote`/`rollback` move a registered "
+        "model's champion alias.\n"
         "Exit codes: 0 success, 2 a mistake in the input (one line on stderr), 1 anything else.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

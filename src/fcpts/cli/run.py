@@ -24,6 +24,7 @@ from .common import (
     _check_positive,
     _Formatter,
     _get,
+    _one_line,
     _say,
     _sources,
     allocator_settings,
@@ -290,29 +291,37 @@ def tracking_summary(tracking) -> str:
     from ..tracking.connection import Store, is_http, redact, sqlite_path
     from ..tracking.names import TAG_PIPELINE_RUN_ID
 
-    where = f"experiment {tracking.experiment}"
+    store = Store(tracking.uri)
+    page, found = "", ""
     try:
-        store = Store(tracking.uri)
         exp = store.call(
             "look up the experiment", store.client.get_experiment_by_name, tracking.experiment
         )
         query = f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}'"
-        runs = store.call(
-            "find the run", store.client.search_runs, [exp.experiment_id], filter_string=query
+        runs = (
+            store.call(
+                "find the run", store.client.search_runs, [exp.experiment_id], filter_string=query
+            )
+            if exp is not None
+            else []
         )
         if runs:
-            run_id = runs[0].info.run_id
-            where += f", run {run_id} (#/experiments/{exp.experiment_id}/runs/{run_id})"
-    except (ServiceError, AttributeError) as exc:
-        where += f" (not readable now: {exc})"
-    lines = [f"mlflow: pipeline run {tracking.pipeline_run_id} in {redact(tracking.uri)}: {where}"]
+            page = f"#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}"
+            found = f", MLflow run {runs[0].info.run_id}"
+    except ServiceError as exc:
+        found = f" (not readable now: {_one_line(exc)})"
+    lines = [
+        f"mlflow: pipeline run {tracking.pipeline_run_id} in experiment {tracking.experiment}"
+        f"{found}, store {store.safe_uri}"
+    ]
     if sqlite_path(tracking.uri) is not None:
         exe = Path(sys.executable).with_name("mlflow")
         shown = os.path.relpath(exe) if exe.is_file() else "mlflow"
         shown = shown if not shown.startswith("..") else str(exe)
         lines.append(
-            f"open it: {shown} ui --backend-store-uri {tracking.uri}  (then http://127.0.0.1:5000)"
+            f"open it: {shown} ui --backend-store-uri {tracking.uri}  "
+            f"then http://127.0.0.1:5000/{page}"
         )
     elif is_http(tracking.uri):
-        lines.append(f"open it: {redact(tracking.uri).rstrip('/')}")
+        lines.append(f"open it: {redact(tracking.uri).rstrip('/')}/{page}")
     return "\n".join(lines)

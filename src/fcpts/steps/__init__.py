@@ -7,6 +7,10 @@ same code:
 * :func:`allocate` (calibration folder -> sparse model folder: model.safetensors + manifest.json)
 * :func:`evaluate` (dense model + sparse folder -> metrics.json, chart, reports)
 * :func:`gate` (pure) and :func:`register` (metrics + sparse folder -> decision.json, registry)
+
+Given ``tracking=Tracking(...)`` each step also logs to the pipeline's MLflow run
+(:mod:`fcpts.steps.tracked`); :func:`~fcpts.steps.backfill.register_from` logs and
+registers a result that stayed on disk.
 """
 
 from ..sources import Sources
@@ -15,6 +19,7 @@ from .calibrate import Calibration, calibrate, load_calibration
 from .common import selection_from_dict, selection_from_json, selection_to_dict, settings_from_json
 from .evaluate import Evaluation, evaluate
 from .register import Decision, Registration, RegistryRequest, gate, load_registry, register
+from .tracked import Tracking
 
 __all__ = [
     "Allocated",
@@ -24,6 +29,7 @@ __all__ = [
     "Registration",
     "RegistryRequest",
     "Sources",
+    "Tracking",
     "allocate",
     "calibrate",
     "evaluate",

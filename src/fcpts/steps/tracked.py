@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..tracking.names import (
     DEFAULT_EXPERIMENT,
     PIPELINE_RUN_ID_RE,
+    STEP_SECONDS,
     TAG_FAILED_STEP,
     TAG_GATE,
     TAG_GATE_REASONS,
@@ -131,7 +132,7 @@ def _kfp_id(kfp_run_id: str) -> str | None:
 
 def finish_step(run: Any, step: str, seconds: float) -> None:
     """Record a step as done with its wall time, and end the run (the next step reopens it)."""
-    run.log_metrics({f"{step}/seconds": float(seconds)})
+    run.log_metrics({STEP_SECONDS.format(step=step): float(seconds)})
     run.set_tags({TAG_STEP + step: "done"})
     run.finish()
 
