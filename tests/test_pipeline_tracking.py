@@ -329,3 +329,63 @@ def test_server_down_mid_pipeline_then_register_from(tmp_path):
         assert run.data.metrics["evaluate/sparse"] > 0 and run.data.tags["fcpts.model_uri"]
         assert (run_dir / "register" / "decision" / "decision.json").is_file()
         _same_outputs(uri, f"models:/{name}@champion", run_dir / "allocate" / "sparse_model")
+
+
+# ------------------------------------------------------------------ library steps
+
+
+def test_steps_chained_by_their_folders_share_one_run(tmp_path):
+    """The steps called one by one with no pipeline run id continue the run recorded in
+    their input folder: one MLflow run; a step that fails marks it."""
+    from fcpts.steps import Sources, Tracking, allocate, calibrate, evaluate, register
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    tracking = Tracking(uri, experiment="chained")
+    cal = calibrate(
+        Sources(model="demo:digits-cnn"),
+        tmp_path / "cal",
+        samples=64,
+        batch_size=32,
+        tracking=tracking,
+    )
+    pid = cal.info["tracking"]["pipeline_run_id"]
+    sparse = allocate(
+        cal.path, tmp_path / "sparse", target=0.7, settings={"iters": 5}, tracking=Tracking(uri)
+    )
+    assert sparse.manifest["tracking"]["pipeline_run_id"] == pid
+    ev = evaluate(
+        Sources(model="demo:digits-cnn"),
+        sparse.path,
+        tmp_path / "eval",
+        samples=64,
+        tolerance=1.0,
+        latency_seconds=0.01,
+        tracking=Tracking(uri),
+    )
+    reg = register(
+        ev.path,
+        sparse.path,
+        tmp_path / "reg",
+        tolerance=1.0,
+        name="digits-chained",
+        tracking=Tracking(uri),
+    )
+    assert reg.record["registration"]["status"] == "registered"
+    client = _client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("chained").experiment_id])
+    assert run.data.tags["fcpts.pipeline_run_id"] == pid and run.info.status == "FINISHED"
+    assert {run.data.tags[f"fcpts.step.{s}"] for s in STEPS} == {"done"}
+    assert reg.record["registration"]["run_id"] == run.info.run_id
+
+    # a step whose work fails marks its run failed; the step's own error is the one raised
+    def boom(iteration, record):
+        raise RuntimeError("boom")
+
+    broken = Tracking(uri, experiment="chained", pipeline_run_id="broken-run")
+    with pytest.raises(RuntimeError, match="boom"):
+        allocate(cal.path, tmp_path / "x", target=0.7, callback=boom, tracking=broken)
+    (failed,) = client.search_runs(
+        [client.get_experiment_by_name("chained").experiment_id],
+        "tags.`fcpts.pipeline_run_id` = 'broken-run'",
+    )
+    assert failed.info.status == "FAILED" and failed.data.tags["fcpts.failed_step"] == "allocate"

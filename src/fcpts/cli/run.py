@@ -73,7 +73,9 @@ def add_parsers(sub) -> None:
         "--cache",
         action="store_true",
         default=None,
-        help="reuse cached step outputs (KFP local caching; calibrate and allocate only)",
+        help="reuse cached step outputs (KFP local caching; calibrate and allocate only). A "
+        "tracked run has its own pipeline run id among the steps' inputs, so it recomputes them "
+        "to log them; --no-tracking runs hit the cache",
     )
     g.add_argument(
         "--verbose", action="store_true", default=None, help="stream the full KFP log to stdout"
