@@ -19,10 +19,12 @@ import os
 from typing import Any
 
 # Before mlflow is imported through this package: one retry policy, fcpts's own (see
-# fcpts.tracking.connection), and no usage telemetry sent anywhere. An explicit setting
-# in the environment wins.
+# fcpts.tracking.connection), no usage telemetry sent anywhere, and MLflow's warnings but
+# not its INFO chatter (a CLI error stays one line on stderr). An explicit setting in the
+# environment wins.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 _EXPORTS = {
     "PipelineRun": "tracking",
