@@ -181,6 +181,16 @@ def test_real_trials_off_target_are_infeasible_for_the_sampler(tmp_path, monkeyp
     assert result.best["baseline"]["feasible"] is False
 
 
+def test_runs_of_different_lengths_report_at_the_same_fractions():
+    from fcpts.sweep.objective import checkpoints
+
+    assert checkpoints(200, 200, 20) == {i: i for i in range(20, 201, 20)}  # as before
+    assert checkpoints(400, 200, 20) == {2 * i: i for i in range(20, 201, 20)}
+    assert list(checkpoints(265, 200, 20).values()) == list(range(20, 201, 20))
+    assert max(checkpoints(265, 200, 20)) == 265  # the last report is the end of the run
+    assert checkpoints(5, 5, 20) == {5: 20}  # shorter than one window: one report, at the end
+
+
 def _claim_enqueued(url, barrier, queue, rounds):
     """Worker of the race test: at each round, ask for a trial at the same moment as the
     other process, report its number, finish it."""

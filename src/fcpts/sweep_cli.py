@@ -153,7 +153,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="report the reconstruction loss to the pruner every N iterations (default: 20)",
+        help="report the reconstruction loss to the pruner every N iterations of the shortest "
+        "searched run; longer runs report at the same fractions of their length (default: 20)",
     )
     g.add_argument(
         "--pruner-startup",
@@ -167,7 +168,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="STEPS",
-        help="no pruning before this iteration of a trial (default: 2 x --report-every)",
+        help="no pruning before this checkpoint, in iterations of the shortest searched run "
+        "(default: 2 x --report-every)",
     )
     g.add_argument(
         "--no-baseline",

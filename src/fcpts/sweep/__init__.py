@@ -14,10 +14,13 @@ evaluation split that ``fcpts evaluate`` reports on.
   ``constraint``. A trial with a value above 0 is infeasible: the sampler ranks it below
   every feasible trial, and :func:`select_best` never returns it (the best trial is picked
   here among feasible COMPLETE trials, not taken from ``study.best_trial``).
-* **Pruning.** Every ``report_every`` iterations a trial reports minus the mean
-  reconstruction loss of the last window (``trial.report``, higher is better like the
-  objective); a :class:`~optuna.pruners.MedianPruner` stops trials that fall below the
-  median of earlier trials at the same iteration. The baseline trial is never pruned.
+* **Pruning.** At checkpoints a trial reports minus the mean reconstruction loss of the
+  last window (``trial.report``, higher is better like the objective); a
+  :class:`~optuna.pruners.MedianPruner` stops trials that fall below the median of earlier
+  trials at the same checkpoint. A run of the shortest searched length reports every
+  ``report_every`` iterations; longer runs report at the same fractions of their length
+  (:func:`~fcpts.sweep.objective.checkpoints`), where the cosine schedule makes their
+  losses comparable. The baseline trial is never pruned.
 * **Baseline.** The library's default settings (score ``wanda``, as ``score="auto"`` picks
   with data; ``iters`` clipped to the searched range so both run on the same budget) are
   enqueued as the study's first trial, evaluated on the same validation split.

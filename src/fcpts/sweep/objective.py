@@ -204,6 +204,19 @@ def landing_gap(allocation: Any, target: float) -> int:
     return abs(allocation.zeros - round_half_up(target * allocation.prunable))
 
 
+def checkpoints(iters: int, shortest: int, every: int) -> dict[int, int]:
+    """``{iteration: step}``: where a run of ``iters`` iterations reports to the pruner.
+
+    A run of the shortest searched length reports every ``every`` iterations, at step =
+    iteration; a longer run reports at the same fractions of its own length under the same
+    step numbers. The pruner compares trials at equal steps, and under the cosine schedule
+    the loss of runs of different lengths is comparable at equal fractions, not at equal
+    iterations (at iteration 180 a 200-iteration run has nearly decayed, a 400-iteration
+    run has not)."""
+    slots = max(1, int(shortest) // int(every))
+    return {math.ceil(j * int(iters) / slots): j * int(every) for j in range(1, slots + 1)}
+
+
 class Objective:
     """The objective of one process: allocate with the trial's settings, report the
     reconstruction loss at checkpoints, record the constraint, return the validation
@@ -225,23 +238,24 @@ class Objective:
         swept, score = self.space.suggest(trial)
         settings = {**spec.settings, **swept, "seed": int(spec.seed)}
         baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
-        every = int(spec.report_every)
         last = int(swept["iters"])
+        marks = checkpoints(last, self.space.iters[0], int(spec.report_every))
         window: list[float] = []
 
         def callback(iteration: int, record: Mapping[str, float]) -> None:
             window.append(float(record["rec_loss"]))
-            step = iteration + 1
-            if step % every:
+            done = iteration + 1
+            step = marks.get(done)
+            if step is None:
                 return
             mean = sum(window) / len(window)
             window.clear()
             if not math.isfinite(mean):
-                raise optuna.TrialPruned(f"reconstruction loss is {mean} at iteration {step}")
+                raise optuna.TrialPruned(f"reconstruction loss is {mean} at iteration {done}")
             trial.report(-mean, step)
             # the last checkpoint is the end of the run: scoring it costs less than pruning
-            if not baseline and step < last and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at iteration {step}")
+            if not baseline and done < last and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at iteration {done} of {last}")
 
         start = time.perf_counter()
         torch.manual_seed(int(spec.seed))
