@@ -16,8 +16,6 @@ from .objective import constraint_of, is_feasible
 from .space import SweepSpec
 from .storage import first_line, redact_url
 
-# ------------------------------------------------------------------------------ MLflow
-
 
 class Tracker:
     """MLflow for one sweep process: the parent run and one nested run per trial."""

@@ -126,6 +126,3 @@ def _importances(trials: Sequence[Any]) -> dict[str, float]:
             return dict(optuna.importance.get_param_importances(study))
     except Exception:
         return {}
-
-
-# ----------------------------------------------------------------------------- sweep

@@ -238,6 +238,3 @@ def load_best(path: str | os.PathLike) -> dict[str, Any]:
 def best_settings(best: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(score, settings)`` of a sweep result, for ``sparsify``/``allocate``."""
     return str(best["score"]), dict(best["params"])
-
-
-# -------------------------------------------------------------------------------- plot

@@ -17,9 +17,6 @@ SWEPT = ("lam", "lr", "weight_lr", "iters", "ste_width")
 SCORES = ("magnitude", "wanda")
 
 
-# ------------------------------------------------------------------------ search space
-
-
 def _pair(value: Any, name: str, cast: Callable[[Any], Any]) -> tuple[Any, Any]:
     if isinstance(value, str):
         lo, sep, hi = value.partition(":")

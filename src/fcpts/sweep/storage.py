@@ -15,9 +15,6 @@ from .space import SweepSpec
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
 
-# ----------------------------------------------------------------------------- storage
-
-
 def redact_url(url: str) -> str:
     """``url`` with the password replaced by ``***``."""
     parts = urlsplit(str(url))
