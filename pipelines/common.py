@@ -28,14 +28,35 @@ STEP_RESOURCES = {
 BACKOFF = "30s"
 
 
-def configure(task, resources: tuple, retries: bool):
-    """Set a task's requests, limits and caching, and its retry policy when ``retries``."""
-    cpu, cpu_limit, memory, memory_limit, num_retries, cache = resources
+# Longest a step may run on a cluster before Kubernetes stops it (a retry starts afresh;
+# allocate resumes from its checkpoint).
+STEP_TIMEOUTS = {
+    "calibrate": 3600,
+    "allocate": 6 * 3600,
+    "evaluate": 3600,
+    "register": 900,
+    "sweep-prepare": 1800,
+    "sweep-worker": 12 * 3600,
+    "sweep-best": 900,
+}
+
+
+def configure(task, step: str, retries: bool, resources: dict | None = None):
+    """Set a task's requests, limits, caching, timeout and Kubernetes secrets (as
+    environment variables, see pipelines/k8s.py), and its retry policy when ``retries``."""
+    from kfp import kubernetes
+
+    from pipelines.k8s import use_secrets
+
+    spec = (resources or STEP_RESOURCES)[step]
+    cpu, cpu_limit, memory, memory_limit, num_retries, cache = spec
     task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory).set_memory_limit(memory_limit)
     task.set_caching_options(cache)
     if retries:
         task.set_retry(num_retries=num_retries, backoff_duration=BACKOFF, backoff_factor=2.0)
+    kubernetes.set_timeout(task, STEP_TIMEOUTS[step])
+    use_secrets(task, step)
     return task
 
 
@@ -90,7 +111,7 @@ def evaluate_and_register(
         device=device,
         **tracking,
     )
-    configure(ev, STEP_RESOURCES["evaluate"], retries)
+    configure(ev, "evaluate", retries)
     with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition, not a Python comparison)
         reg = register(
             sparse_model=sparse_model,
@@ -100,5 +121,5 @@ def evaluate_and_register(
             name=name,
             **tracking,
         )
-        configure(reg, STEP_RESOURCES["register"], retries)
+        configure(reg, "register", retries)
     return ev

@@ -22,7 +22,7 @@ from kfp.dsl import Artifact, Dataset, Model
 
 from components.allocate.component import allocate
 from components.calibrate.component import calibrate
-from pipelines.common import STEP_RESOURCES, configure, evaluate_and_register, tracking_args
+from pipelines.common import configure, evaluate_and_register, tracking_args
 
 PIPELINE_NAME = "fcpts-sparsify"
 
@@ -84,7 +84,7 @@ def build(retries: bool = True):
             device=device,
             **tracking,
         )
-        configure(cal, STEP_RESOURCES["calibrate"], retries)
+        configure(cal, "calibrate", retries)
         alloc = allocate(
             calibration=cal.outputs["calibration"],
             target=target,
@@ -97,7 +97,7 @@ def build(retries: bool = True):
             device=device,
             **tracking,
         )
-        configure(alloc, STEP_RESOURCES["allocate"], retries)
+        configure(alloc, "allocate", retries)
         ev = evaluate_and_register(
             model=model,
             sparse_model=alloc.outputs["sparse_model"],

@@ -6,7 +6,9 @@ calibrate -> allocate with the best settings -> evaluate -> register (if approve
         -> evaluate -> register under dsl.If on the approval gate
 
 ``sweep-prepare`` creates (or resumes) the study in ``storage``, a SQLAlchemy URL that
-every worker pod reaches (``postgresql+psycopg2://user:password@host/db``), stores the
+every worker pod reaches (``postgresql+psycopg2://user:password@host/db``; leave it empty
+on a cluster and the steps read ``FCPTS_OPTUNA_STORAGE`` from the Kubernetes secret
+fcpts-optuna-db, so the password is no pipeline parameter), stores the
 study's configuration in it and returns the worker indices; ``dsl.ParallelFor`` starts
 one ``sweep-worker`` per index, each running its share of ``trials`` on the shared study.
 ``sweep-best`` waits for all of them (``.after`` the loop), selects the best feasible
@@ -62,7 +64,7 @@ def build(retries: bool = True):
         "settings; the best feasible settings are allocated, evaluated and gated.",
     )
     def sweep(
-        storage: str,
+        storage: str = "",
         model: str = "demo:minilm",
         study: str = "fcpts-sweep",
         target: float = 0.5,
@@ -118,7 +120,7 @@ def build(retries: bool = True):
             device=device,
             grace=grace,
         )
-        configure(prep, RESOURCES["sweep-prepare"], retries)
+        configure(prep, "sweep-prepare", retries, RESOURCES)
         with dsl.ParallelFor(prep.output, name="workers") as worker:
             work = sweep_worker(
                 storage=storage,
@@ -131,9 +133,9 @@ def build(retries: bool = True):
                 threads=threads,
                 grace=grace,
             )
-            configure(work, RESOURCES["sweep-worker"], retries)
+            configure(work, "sweep-worker", retries, RESOURCES)
         best = sweep_best(storage=storage, study=study, tracking_uri=tracking_uri).after(work)
-        configure(best, RESOURCES["sweep-best"], retries)
+        configure(best, "sweep-best", retries, RESOURCES)
         cal = calibrate(
             model=model,
             data=data,
@@ -149,7 +151,7 @@ def build(retries: bool = True):
             device=device,
             **tracking,
         )
-        configure(cal, RESOURCES["calibrate"], retries)
+        configure(cal, "calibrate", retries, RESOURCES)
         alloc = allocate(
             calibration=cal.outputs["calibration"],
             target=target,
@@ -161,7 +163,7 @@ def build(retries: bool = True):
             device=device,
             **tracking,
         )
-        configure(alloc, RESOURCES["allocate"], retries)
+        configure(alloc, "allocate", retries, RESOURCES)
         ev = evaluate_and_register(
             model=model,
             sparse_model=alloc.outputs["sparse_model"],

@@ -23,7 +23,7 @@ def pipeline_module():
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
     assert main(["compile", "--out", str(out)]) == 0
-    return yaml.safe_load(out.read_text())
+    return next(yaml.safe_load_all(out.read_text()))  # then the Kubernetes platform spec
 
 
 def test_image_is_defined_once_and_versioned():
@@ -120,7 +120,7 @@ def test_local_build_drops_retries_only(pipeline_module, tmp_path):
 
     out = tmp_path / "local.yaml"
     compiler.Compiler().compile(pipeline_module.build(retries=False), str(out))
-    tasks = yaml.safe_load(out.read_text())["root"]["dag"]["tasks"]
+    tasks = next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
     assert (
         "retryPolicy" not in tasks["calibrate"]
         and tasks["calibrate"]["cachingOptions"]["enableCache"]

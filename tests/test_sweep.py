@@ -432,7 +432,7 @@ def test_sweep_pipeline_compiles_with_parallel_workers(tmp_path):
     from pipelines.sweep import compile_sweep
 
     path = compile_sweep(str(tmp_path / "sweep.yaml"))
-    spec = yaml.safe_load(Path(path).read_text())
+    spec = next(yaml.safe_load_all(Path(path).read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     (loop,) = [name for name, t in tasks.items() if "parameterIterator" in t]
     assert tasks[loop]["parameterIterator"]["items"]["inputParameter"].endswith(

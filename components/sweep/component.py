@@ -53,13 +53,8 @@ def sweep_prepare(
 
     from fcpts.errors import UserError
     from fcpts.steps import settings_from_json
-    from fcpts.sweep import SearchSpace, SweepSpec, prepare_study, storage_url
+    from fcpts.sweep import SearchSpace, SweepSpec, prepare_study, shared_storage
 
-    if not storage.strip() or "://" not in storage:
-        raise UserError(
-            "the sweep pipeline needs --storage: a database URL that every worker reaches "
-            "(postgresql+psycopg2://user:password@host/db; sqlite:///path only on one machine)"
-        )
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
     if not study.strip():
@@ -84,7 +79,7 @@ def sweep_prepare(
     )
     prepared = prepare_study(
         spec,
-        storage_url(storage, None),
+        shared_storage(storage),
         study,
         tracking_uri=tracking_uri,
         device=device,
@@ -113,11 +108,11 @@ def sweep_worker(
 ) -> int:
     """Run worker ``worker``'s share of ``trials`` (split evenly over ``workers``) on the
     shared study; returns how many trials it ran."""
-    from fcpts.sweep import run_worker, trial_shares
+    from fcpts.sweep import run_worker, shared_storage, trial_shares
 
     n = trial_shares(trials, workers)[worker]
     run_worker(
-        storage,
+        shared_storage(storage),
         study,
         n,
         worker=worker,
@@ -145,9 +140,9 @@ def sweep_best(
     import json
     from collections import namedtuple
 
-    from fcpts.sweep import finish_sweep
+    from fcpts.sweep import finish_sweep, shared_storage
 
-    best = finish_sweep(storage, study, sweep.path, tracking_uri=tracking_uri)
+    best = finish_sweep(shared_storage(storage), study, sweep.path, tracking_uri=tracking_uri)
     sweep.metadata.update(
         {
             "value": best["value"],

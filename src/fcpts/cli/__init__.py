@@ -1,5 +1,5 @@
 """The ``fcpts`` command line: calibrate, allocate, evaluate, register, run, compile, sweep,
-promote, rollback.
+promote, rollback, submit.
 
 Exit codes: 0 success; 2 a mistake the user can fix (bad option, missing or malformed
 input, impossible target); 1 anything else. Errors are one line on stderr
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__, sweep_cli
 from ..errors import FcptsError, UserError
-from . import pipeline, registry, run, step_commands
+from . import pipeline, registry, run, step_commands, submit
 from .common import (  # noqa: F401  (re-exported: the CLI's names before it became a package)
     DEFAULT_PIPELINE_FILE,
     DEFAULT_ROOT,
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_parsers(sub)
     sweep_cli.add_parser(sub)
     registry.add_parsers(sub)
+    submit.add_parsers(sub)
     return parser
 
 
@@ -67,6 +68,7 @@ COMMANDS = {
     "sweep": sweep_cli.run,
     "promote": cmd_promote,
     "rollback": cmd_rollback,
+    **submit.COMMANDS,
 }
 
 

@@ -13,38 +13,69 @@ from pathlib import Path
 from ..errors import UserError
 from .common import DEFAULT_PIPELINE_FILE, PIPELINE_STEPS, _Formatter, _get, _say
 
+SWEEP_PIPELINE_FILE = "sweep_pipeline.yaml"
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "compile",
         formatter_class=_Formatter,
-        help="write the pipeline as KFP v2 YAML",
-        description="Compile pipelines/sparsify.py into a KFP v2 pipeline YAML for a cluster.",
+        help="write the pipelines as KFP v2 YAML",
+        description="Compile pipelines/sparsify.py (calibrate -> allocate -> evaluate -> register "
+        "if approved) and pipelines/sweep.py (an Optuna study with parallel workers, then the "
+        "same steps with the best settings) into KFP v2 pipeline YAML for a cluster. Each step "
+        "has CPU/memory requests and limits, a retry policy, caching and a timeout, and takes "
+        "S3, MLflow and study-database credentials from the Kubernetes secrets fcpts-s3, "
+        "fcpts-mlflow and fcpts-optuna-db as environment variables (never as parameters; "
+        "rename them with FCPTS_K8S_S3_SECRET, FCPTS_K8S_MLFLOW_SECRET, FCPTS_K8S_OPTUNA_SECRET).",
     )
     p.add_argument(
         "--out",
         metavar="FILE",
         default=None,
-        help=f"YAML file to write (default: {DEFAULT_PIPELINE_FILE})",
+        help=f"sparsify pipeline YAML to write (default: {DEFAULT_PIPELINE_FILE})",
     )
     p.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file of options (only 'out' applies)"
+        "--sweep-out",
+        metavar="FILE",
+        default=None,
+        help=f"sweep pipeline YAML to write (default: {SWEEP_PIPELINE_FILE} beside --out)",
     )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of options (out and sweep_out apply)"
+    )
+
+
+def _writable(path: Path) -> Path:
+    if path.parent and not path.parent.exists():
+        raise UserError(f"folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a .yaml file name")
+    return path
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
     module = load_pipeline_module()
-    out = Path(_get(args, "out", DEFAULT_PIPELINE_FILE))
-    if out.parent and not out.parent.exists():
-        raise UserError(f"folder {out.parent} does not exist")
-    compiler.Compiler().compile(module.sparsify_pipeline, str(out))
+    out = _writable(Path(_get(args, "out", DEFAULT_PIPELINE_FILE)))
+    sweep_out = _writable(Path(_get(args, "sweep_out", None) or out.parent / SWEEP_PIPELINE_FILE))
+    if sweep_out.resolve() == out.resolve():
+        raise UserError("--out and --sweep-out name the same file: give two file names")
+    from pipelines import sweep
+
+    # built now, not at import: the secret names come from the environment of this call
+    compiler.Compiler().compile(module.build(), str(out))
+    compiler.Compiler().compile(sweep.build(), str(sweep_out))
     from components import IMAGE
 
     print(
         f"wrote {out}: pipeline {module.PIPELINE_NAME} (calibrate -> allocate -> evaluate -> register if "
         f"approved), image {IMAGE}"
+    )
+    print(
+        f"wrote {sweep_out}: pipeline {sweep.PIPELINE_NAME} (sweep workers -> best settings -> calibrate -> "
+        f"allocate -> evaluate -> register if approved), image {IMAGE}"
     )
     return 0
 

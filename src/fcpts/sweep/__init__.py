@@ -78,7 +78,7 @@ from .plot import plot_study
 from .results import allocate_config, best_settings, finish_sweep, load_best
 from .run import SweepResult, run_sweep, trial_shares
 from .space import SCORES, SWEPT, SearchSpace, SweepSpec, default_study_name
-from .storage import RDB_SCHEMES, open_storage, redact_url, storage_url
+from .storage import RDB_SCHEMES, open_storage, redact_url, shared_storage, storage_url
 from .worker import Prepared, load_spec, prepare_study, run_worker, torch_threads
 
 __all__ = [
@@ -127,6 +127,7 @@ __all__ = [
     "run_sweep",
     "run_worker",
     "select_best",
+    "shared_storage",
     "storage_url",
     "torch_threads",
     "trial_shares",

@@ -25,6 +25,24 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
+STORAGE_ENV = "FCPTS_OPTUNA_STORAGE"
+
+
+def shared_storage(storage: str | None, environ: dict | None = None) -> str:
+    """The study storage that pipeline workers share: ``storage`` when given, else
+    ``$FCPTS_OPTUNA_STORAGE`` (on a cluster, from the Kubernetes secret fcpts-optuna-db, so
+    the password never becomes a pipeline parameter)."""
+    env = os.environ if environ is None else environ
+    text = (storage or "").strip() or env.get(STORAGE_ENV, "").strip()
+    if "://" not in text:
+        raise UserError(
+            "the sweep pipeline needs a study database that every worker reaches: set the "
+            f"storage parameter or {STORAGE_ENV} (Kubernetes secret fcpts-optuna-db) to a URL "
+            "such as postgresql+psycopg2://user:password@host/db (sqlite:///path on one machine)"
+        )
+    return storage_url(text, None)
+
+
 def storage_url(storage: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> str:
     """A SQLAlchemy URL for ``storage``: given as a URL, as a path to a SQLite file, or
     None for ``<out_dir>/study.db``."""
