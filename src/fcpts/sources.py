@@ -483,7 +483,7 @@ def _take(total: int, name: str, n: int, seed: int, source: str) -> list[int]:
     pool = split_indices(total, name, seed)
     if not pool:
         raise UserError(
-            f"data {source} has {total} samples: too few for a {name} split (each split gets a third)"
+            f"data {source} has {total} sample{'s' if total != 1 else ''}: too few for a {name} split (each split gets a third)"
         )
     return pool[: min(n, len(pool))]
 
@@ -553,6 +553,12 @@ def _check_xy(x: Any, y: Any, spec: str) -> tuple[torch.Tensor, torch.Tensor | N
         raise UserError(f"{spec}: 'x' must be a non-empty tensor with samples on the first axis")
     if x.dtype == torch.float64:
         x = x.float()
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise UserError(
+            f"{spec}: 'x' holds {bad} NaN or infinite values of {x.numel()}: clean or drop "
+            "those samples first"
+        )
     if y is not None:
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise UserError(
@@ -581,14 +587,23 @@ def _tensor_file(path: Path, spec: str) -> DataSource:
 
         try:
             loaded = np.load(str(path), allow_pickle=False)
-            if suffix == ".npz":
-                data = {k: torch.from_numpy(np.array(loaded[k])) for k in loaded.files}
-            else:
-                data = torch.from_numpy(np.array(loaded))
+            arrays = (
+                {k: np.array(loaded[k]) for k in loaded.files}
+                if suffix == ".npz"
+                else {"x": np.array(loaded)}
+            )
         except (ValueError, OSError, EOFError) as exc:
             raise UserError(
                 f"{spec} is not a readable {suffix} file without pickled objects ({_first_line(exc)})"
             ) from None
+        for key, arr in arrays.items():
+            if arr.dtype.kind not in "biuf":
+                raise UserError(
+                    f"{spec}: array {key!r} holds {arr.dtype} values, not numbers: save the "
+                    "inputs as a float array (and labels as integers)"
+                )
+        tensors = {k: torch.from_numpy(arr) for k, arr in arrays.items()}
+        data = tensors if suffix == ".npz" else tensors["x"]
     else:
         data = _torch_load(path)
     if isinstance(data, torch.Tensor):

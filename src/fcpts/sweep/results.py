@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import FcptsError, UserError
+from ..errors import UserError
 from .common import (
     ALLOCATE_FILE,
     ATTR_BASELINE,
@@ -88,7 +88,7 @@ def finish_sweep(
 ) -> dict[str, Any]:
     """Select the best feasible complete trial of the whole study and write
     ``best.json``, ``allocate.json``, ``trials.json`` and ``study.png`` to ``out_dir``; tag
-    and close the MLflow parent run. Raises FcptsError when no trial qualifies."""
+    and close the MLflow parent run. Raises UserError (run more trials) when no trial qualifies."""
 
     from ..steps.common import write_json
 
@@ -184,10 +184,10 @@ def finish_sweep(
     if uri and parent:
         Tracker(uri, experiment).finish(parent, result, files, ok and best is not None)
     if best is None:
-        raise FcptsError(
+        raise UserError(
             f"study {study_name} has no feasible complete trial yet ({counts['complete']} complete, "
             f"{counts['infeasible']} of them off target, {counts['pruned']} pruned, "
-            f"{counts['fail']} failed): run more trials"
+            f"{counts['fail']} failed): run more trials (--trials N on the same --storage and --study)"
         )
     return result
 

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from ..errors import ServiceError
+from ..errors import ServiceError, UserError
 from .names import DEFAULT_EXPERIMENT
 
 T = TypeVar("T")
@@ -104,6 +104,9 @@ def default_tracking_uri(root: str | os.PathLike = DEFAULT_ROOT) -> str:
     return f"sqlite:///{Path(root).expanduser().absolute() / 'mlflow.db'}"
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
 def resolve_tracking_uri(uri: str | None = None, root: str | os.PathLike = DEFAULT_ROOT) -> str:
     """The explicit ``uri``, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`.
 
@@ -113,6 +116,13 @@ def resolve_tracking_uri(uri: str | None = None, root: str | os.PathLike = DEFAU
     uri = str(uri).strip()
     if "://" not in uri and not uri.startswith("databricks"):
         uri = default_tracking_uri(uri)
+    scheme = urlsplit(uri).scheme.split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES and not uri.startswith("databricks"):
+        raise UserError(
+            f"tracking URI {redact(uri)} has the scheme {scheme!r}, which MLflow cannot store "
+            "runs in: give http(s)://host:port of an MLflow server, a database URL "
+            "(sqlite:///path/mlflow.db, postgresql+psycopg2://...), or a folder"
+        )
     return uri
 
 
