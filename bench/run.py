@@ -200,8 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         sections += [f"## {title}", "", table(rows, case, targets), ""]
     text = "\n".join(sections)
     print(text)
-    Path(args.out).write_text(text + "\n")
+    Path(args.out).write_text(text + "\n" + other_sections(Path(args.out), sections))
     return 0
+
+
+def other_sections(path: Path, written: list[str]) -> str:
+    """The ``## `` sections of ``path`` that this run does not write (e.g. the sweep's, from
+    bench/sweep_minilm.py), kept as they are."""
+    if not path.exists():
+        return ""
+    own = {line for line in written if line.startswith("## ")}
+    kept, keep = [], False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            keep = line.rstrip("\n") not in own
+        if keep:
+            kept.append(line)
+    return ("\n" if kept else "") + "".join(kept)
 
 
 if __name__ == "__main__":
