@@ -30,6 +30,12 @@ def allocate(
     {"iters": 100}); an empty ``score`` or ``selection`` keeps the calibration's.
     ``tracking_uri`` (empty: no tracking), ``experiment`` and ``pipeline_run_id`` (empty:
     ``kfp_run_id``, the KFP run's id, which the pipeline passes) choose the MLflow run.
+
+    The fcpts method checkpoints every 25 iterations next to the output path
+    (``<sparse_model.path>.checkpoint``) and resumes from there, so a retry of this
+    step that sees the same local path (``fcpts run``'s local runner, a retried
+    container in the same pod) continues where the killed one stopped. A retry in a new
+    pod starts afresh: the checkpoint is on the lost pod's disk.
     """
     import json
     import time
@@ -51,6 +57,7 @@ def allocate(
         device=device,
         recalibrate_bn=recalibrate_bn,
         log_every=log_every,
+        resume=True,
         tracking=Tracking.from_component(tracking_uri, experiment, pipeline_run_id, kfp_run_id),
     )
     m = result.manifest

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FcptsError, UserError
+from ..storage import is_s3_uri
 from .common import (
     DEFAULT_ROOT,
     DEFAULT_TOLERANCE,
@@ -99,17 +100,22 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
             raise UserError(
                 f"unknown demo {src!r}: choose one of {', '.join(DEMO_PREFIX + k for k in DEMOS)}"
             )
-    elif not Path(src).expanduser().exists():
+    elif not is_s3_uri(src) and not Path(src).expanduser().exists():
         if not _FUNCTION_SPEC.match(src):
             raise UserError(
                 f"unknown model source {src!r}: give demo:minilm, demo:digits-cnn, a Hugging Face folder, "
                 "a TorchScript file, or module:function with --weights"
             )
-        if sources.weights and not Path(sources.weights).expanduser().is_file():
+        if (
+            sources.weights
+            and not is_s3_uri(sources.weights)
+            and not Path(sources.weights).expanduser().is_file()
+        ):
             raise UserError(f"weights file {sources.weights} does not exist")
     if (
         sources.data
         and not sources.data.startswith(DEMO_PREFIX)
+        and not is_s3_uri(sources.data)
         and not Path(sources.data).expanduser().exists()
     ):
         raise UserError(f"data file or folder {sources.data} does not exist")
@@ -146,7 +152,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     root = Path(_get(args, "root", DEFAULT_ROOT)).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--root {root} is a file: give a folder for the pipeline's artifacts")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--root {root}: cannot create the folder ({exc.strerror})") from None
     arguments = {
         "model": args.model,
         "data": args.data or "",

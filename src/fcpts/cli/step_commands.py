@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 from ..errors import UserError
+from ..storage import is_s3_uri
 from .common import (
     DEFAULT_TOLERANCE,
     METHODS_HELP,
@@ -46,7 +48,10 @@ def add_parsers(sub) -> None:
     _add_calibration(p)
     _add_selection(p)
     p.add_argument(
-        "--out", metavar="DIR", default=None, help="calibration folder to write (required)"
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="calibration folder to write, or s3://bucket/prefix (required)",
     )
     _add_tracking(p)
     _add_common(p)
@@ -65,7 +70,8 @@ def add_parsers(sub) -> None:
         "--calibration",
         metavar="DIR",
         default=None,
-        help="a folder written by `fcpts calibrate` (else --model/--data are calibrated first)",
+        help="a folder (or s3:// output) written by `fcpts calibrate` (else --model/--data "
+        "are calibrated first)",
     )
     _add_sources(p, model_required=False)
     _add_calibration(
@@ -76,7 +82,33 @@ def add_parsers(sub) -> None:
     _add_allocator(p, target_default=None)
     _add_selection(p)
     p.add_argument(
-        "--out", metavar="DIR", default=None, help="sparse model folder to write (required)"
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="sparse model folder to write, or s3://bucket/prefix (required)",
+    )
+    g = p.add_argument_group("checkpoints (fcpts method)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="save the allocator's whole state every N iterations (default: 25); deleted "
+        "once the output is written",
+    )
+    g.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        default=None,
+        help="folder for the checkpoint (default: OUT.checkpoint next to a local --out, a "
+        "folder in the fcpts cache for an s3:// --out)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue from the checkpoint of an interrupted run with the same inputs "
+        "(none there: start afresh); the result equals an uninterrupted run's",
     )
     _add_tracking(p)
     _add_common(p)
@@ -95,7 +127,7 @@ def add_parsers(sub) -> None:
         "--sparse",
         metavar="DIR",
         default=None,
-        help="the --out folder of `fcpts allocate` (required)",
+        help="the --out folder (or s3:// output) of `fcpts allocate` (required)",
     )
     _add_evaluation(p, samples_alias=True)
     g = p.add_argument_group("approval gate")
@@ -110,7 +142,7 @@ def add_parsers(sub) -> None:
         "--out",
         metavar="DIR",
         default=None,
-        help="folder for metrics.json and the reports (required)",
+        help="folder for metrics.json and the reports, or s3://bucket/prefix (required)",
     )
     _add_tracking(p)
     _add_common(p)
@@ -162,6 +194,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     _require(args, "model", "out")
     _check_positive(args, "calibration_samples", "batch_size", "image_size")
+    _check_out(args.out)
     cal = calibrate(
         _sources(args),
         args.out,
@@ -180,7 +213,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"calibrated {info['model']['source']} on {info['samples']} samples of {info['data']['source']} "
         f"({info['batches']} batches of up to {info['batch_size']}, task {info['task']}, score {info['score']}"
         + (f", input statistics for {len(norms)} layers" if norms else "")
-        + f") in {info['step_seconds']:.1f} s\nwrote {cal.path}"
+        + f") in {info['step_seconds']:.1f} s\nwrote {_where(args.out, cal.path)}"
     )
     return 0
 
@@ -190,7 +223,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from ..steps import allocate, calibrate
 
     _require(args, "target", "out")
-    _check_positive(args, "calibration_samples", "batch_size", "image_size", "iters")
+    _check_positive(
+        args, "calibration_samples", "batch_size", "image_size", "iters", "checkpoint_every"
+    )
+    _check_out(args.out)
     settings = allocator_settings(args)
     common = {
         "target": args.target,
@@ -200,6 +236,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "device": _get(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
         "progress_bar": _progress_enabled(args),
+        "checkpoint_dir": _get(args, "checkpoint_dir", None),
+        "checkpoint_every": _get(args, "checkpoint_every", 25),
+        "resume": bool(_get(args, "resume", False)),
     }
     selection = selection_overrides(args) or None
     _check_allocation_options(common["target"], common["method"], settings, args.score)
@@ -253,7 +292,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             "(evaluate for held-out quality vs dense)"
         )
     print(report.summary(manifest=m, notes=notes))
-    print(f"wrote {result.path}/model.safetensors and manifest.json")
+    print(f"wrote {_where(args.out, result.path)}/model.safetensors and manifest.json")
     return 0
 
 
@@ -261,9 +300,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import report
     from ..sparse_model import read_manifest
     from ..steps import evaluate
+    from ..steps.common import input_folder
 
     _require(args, "model", "sparse", "out")
     _check_positive(args, "evaluation_samples", "eval_batch_size", "image_size")
+    _check_out(args.out)
     tolerance = args.tolerance
     if tolerance is not None:
         from ..steps.register import check_tolerance
@@ -282,13 +323,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress_bar=_progress_enabled(args),
         tracking=tracking_from_args(args),
     )
-    manifest = read_manifest(args.sparse)
+    manifest = read_manifest(input_folder(args.sparse))
     print(
         report.summary(
             manifest=manifest, metrics=result.metrics, decision=result.metrics.get("gate")
         )
     )
-    print(f"wrote {result.path}/metrics.json, allocation.png, report.md, report.html")
+    print(
+        f"wrote {_where(args.out, result.path)}/metrics.json, allocation.png, report.md, report.html"
+    )
     return 0
 
 
@@ -327,3 +370,16 @@ def cmd_register(args: argparse.Namespace) -> int:
     print(report.summary(decision=result.record))
     print(f"wrote {result.path}")
     return 0
+
+
+def _check_out(out: str) -> None:
+    """A one-line UserError, before any work, when ``--out`` names an existing file."""
+    if not is_s3_uri(str(out)) and Path(out).expanduser().is_file():
+        raise UserError(
+            f"--out {out} is a file: give a folder path (new or existing) for the output"
+        )
+
+
+def _where(out: str, local: object) -> str:
+    """What to print as written: the s3:// URI of a remote output, else the local folder."""
+    return str(out).rstrip("/") if is_s3_uri(str(out)) else str(local)

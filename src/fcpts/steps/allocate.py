@@ -8,6 +8,7 @@ data came from, so evaluation can reload the dense model and stay disjoint).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -21,6 +22,7 @@ import torch
 
 from ..alloc import Allocation, get_allocator
 from ..alloc.base import Callback
+from ..checkpoint import FILE_NAME
 from ..core import LayerSelection, sparsify
 from ..errors import UserError
 from ..metrics import recalibrate_batchnorm
@@ -29,7 +31,14 @@ from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
 from ..tracking.names import TAG_STEP
 from .calibrate import Calibration, load_calibration
-from .common import move, resolve_score, selection_from_dict, selection_to_dict
+from .common import (
+    checkpoint_folder,
+    move,
+    resolve_score,
+    selection_from_dict,
+    selection_to_dict,
+    write_output,
+)
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_allocation
 
 HISTORY_POINTS = 50
@@ -62,6 +71,9 @@ def allocate(
     resolved: ResolvedModel | None = None,
     callback: Callback | None = None,
     tracking: Tracking | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 25,
+    resume: bool = False,
 ) -> Allocated:
     """Allocate ``target`` sparsity with ``method`` and save the sparse model to ``out_dir``.
 
@@ -75,13 +87,24 @@ def allocate(
     allocator's per-iteration loss and global sparsity to the pipeline's MLflow run while
     it runs, then the params, the manifest and the per-layer chart
     (:mod:`fcpts.steps.tracked`).
+
+    ``out_dir`` (a folder or ``s3://bucket/prefix``) is written whole or not at all
+    (:func:`fcpts.steps.common.write_output`); ``calibration`` may be an ``s3://`` output.
+    The fcpts method checkpoints every ``checkpoint_every`` iterations into
+    ``checkpoint_dir`` (default :func:`~fcpts.steps.common.checkpoint_folder`: ``<out>.checkpoint``
+    next to a local output); ``resume=True`` continues from the checkpoint there (none:
+    starts afresh). The checkpoint is deleted once the output is written.
     """
     start = time.perf_counter()
     cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir else checkpoint_folder(out_dir)
     work = functools.partial(
-        _allocate,
+        _written,
         cal,
         out_dir,
+        checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         target=target,
         method=method,
         score=score,
@@ -109,6 +132,24 @@ def allocate(
     return result
 
 
+def _written(
+    cal: Calibration,
+    out_dir: str | os.PathLike,
+    checkpoint: Path,
+    **kwargs: Any,
+) -> Allocated:
+    """:func:`_allocate` into a staged folder published to ``out_dir``; the checkpoint is
+    removed once the output is whole (a failed step keeps it for ``resume``)."""
+    result, local = write_output(
+        out_dir, lambda folder: _allocate(cal, folder, checkpoint, **kwargs)
+    )
+    result.path = local
+    (checkpoint / FILE_NAME).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        checkpoint.rmdir()  # only when empty: a --checkpoint-dir may hold other files
+    return result
+
+
 def _chain(first: Callback, second: Callback | None) -> Callback:
     if second is None:
         return first
@@ -123,7 +164,10 @@ def _chain(first: Callback, second: Callback | None) -> Callback:
 def _allocate(
     cal: Calibration,
     out_dir: str | os.PathLike,
+    checkpoint: Path,
     *,
+    checkpoint_every: int,
+    resume: bool,
     target: float,
     method: str,
     score: str | None,
@@ -176,6 +220,8 @@ def _allocate(
     if log_every and log_every > 0:
         total = getattr(get_allocator(method, **settings).config, "iters", None)
         callback = _logging_callback(int(log_every), total, callback)
+    if resume and method == "fcpts" and (checkpoint / FILE_NAME).is_file():
+        print(f"[fcpts] resuming from the checkpoint {checkpoint / FILE_NAME}", flush=True)
     torch.manual_seed(int(seed))
     allocation = sparsify(
         layer_view(model),
@@ -190,6 +236,9 @@ def _allocate(
         device=device,
         callback=callback,
         progress=progress_bar,
+        checkpoint_dir=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     move(model.model, "cpu")
     sparse = _apply(model, allocation)

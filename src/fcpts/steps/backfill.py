@@ -24,7 +24,7 @@ from ..tracking.names import (
     TAG_BACKFILLED,
     TAG_MODEL_URI,
 )
-from .common import read_json
+from .common import input_folder, is_remote, read_json
 from .evaluate import METRICS_FILE
 from .register import Registration, Registry, register
 from .tracked import Tracking, finish_step, log_allocation, log_evaluation
@@ -38,7 +38,7 @@ HINT = (
 
 def find_result(path: str | os.PathLike) -> tuple[Path, Path]:
     """(sparse model folder, evaluation folder) of a run folder or an evaluation folder."""
-    root = Path(path).expanduser()
+    root = input_folder(path) if is_remote(path) else Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"--from {path}: no such folder; {HINT}")
     sparse_dir, eval_dir = (root / p for p in RUN_LAYOUT)
@@ -46,8 +46,9 @@ def find_result(path: str | os.PathLike) -> tuple[Path, Path]:
         return sparse_dir, eval_dir
     if (root / METRICS_FILE).is_file():
         metrics = read_json(root / METRICS_FILE, "metrics file", HINT)
-        named = Path(str((metrics.get("sparse_model") or {}).get("path") or ""))
-        if str(named) and (named / MANIFEST_FILE).is_file():
+        named_ref = str((metrics.get("sparse_model") or {}).get("path") or "")
+        named = input_folder(named_ref) if is_remote(named_ref) else Path(named_ref)
+        if named_ref and (named / MANIFEST_FILE).is_file():
             return named, root
         raise UserError(
             f"--from {path}: its metrics.json names the sparse model folder {named}, which has "
@@ -115,7 +116,12 @@ def register_from(
         )
         run.set_tags({TAG_BACKFILLED + "evaluate": "true"})
         finish_step(run, "evaluate", metrics.get("step_seconds") or 0.0)
-    out = Path(out_dir) if out_dir else Path(path) / "register" / "decision"
+    if out_dir:
+        out: str | Path = out_dir
+    elif is_remote(path):
+        out = f"{str(path).rstrip('/')}/register/decision"
+    else:
+        out = Path(path) / "register" / "decision"
     return register(
         eval_dir / METRICS_FILE,
         sparse_dir,

@@ -41,6 +41,7 @@ from ..sparse_model import sha256_file
 from ..tasks import Task, to_device
 from .common import (
     FILE_MODE,
+    input_folder,
     move,
     positive_int,
     progress,
@@ -49,6 +50,7 @@ from .common import (
     selection_from_dict,
     selection_to_dict,
     write_json,
+    write_output,
 )
 from .tracked import RECORD_KEY, Tracking, failure_recorded, log_calibration
 
@@ -99,19 +101,23 @@ def calibrate(
     """
     tracking = tracking.resolve() if tracking is not None else None
     with failure_recorded(tracking, "calibrate"):
-        cal = _calibrate(
-            sources,
+        cal, local = write_output(
             out_dir,
-            score=score,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            selection=selection,
-            device=device,
-            progress_bar=progress_bar,
-            resolved=resolved,
-            tracking=tracking,
+            lambda folder: _calibrate(
+                sources,
+                folder,
+                score=score,
+                samples=samples,
+                batch_size=batch_size,
+                seed=seed,
+                selection=selection,
+                device=device,
+                progress_bar=progress_bar,
+                resolved=resolved,
+                tracking=tracking,
+            ),
         )
+        cal.path = local
     if tracking is not None:
         log_calibration(tracking, cal.info, cal.batches)
     return cal
@@ -263,8 +269,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
-    """Read a calibration artifact folder; checks its format and the tensors' sha256."""
-    root = Path(path)
+    """Read a calibration artifact folder (local or an ``s3://`` output); checks its
+    format and the tensors' sha256."""
+    root = input_folder(path)
     hint = "point --calibration to the --out folder of `fcpts calibrate`"
     if not root.is_dir():
         raise UserError(f"calibration folder {path} does not exist: {hint}")

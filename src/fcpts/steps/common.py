@@ -1,19 +1,25 @@
-"""Helpers shared by the steps: layer selections as JSON, atomic JSON files, progress."""
+"""Helpers shared by the steps: layer selections as JSON, atomic JSON files, progress,
+step outputs that are whole or absent (:func:`write_output`) and inputs that may be in
+S3 (:func:`input_folder`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..core import LayerSelection
 from ..errors import UserError
 
 FILE_MODE = 0o644  # mkstemp creates 0600; artifacts are read by other users and tools
+T = TypeVar("T")
 SELECTION_FIELDS = ("include", "exclude", "keep_dense", "bounds", "min_sparsity", "max_sparsity")
 
 
@@ -194,3 +200,109 @@ def move(module, device):
     if current.type == device.type and (device.index is None or current.index == device.index):
         return module
     return module.to(device)
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    from ..storage import is_s3_uri
+
+    return path is not None and is_s3_uri(str(path))
+
+
+def input_folder(path: str | os.PathLike) -> Path:
+    """The local folder of an upstream step's output: an ``s3://`` output is downloaded
+    (cached, every file checked against its sha256); a local path is returned as given."""
+    if not is_remote(path):
+        return Path(path)
+    from ..storage import fetch_output
+
+    return fetch_output(str(path))
+
+
+def input_file_or_folder(path: str | os.PathLike) -> Path:
+    """Like :func:`input_folder`; an ``s3://`` URI naming one file of an output (its last
+    part has a suffix, e.g. ``.../metrics.json``) is read from the output holding it."""
+    if is_remote(path) and Path(str(path).rstrip("/")).suffix:
+        parent, _, name = str(path).rstrip("/").rpartition("/")
+        return input_folder(parent) / name
+    return input_folder(path)
+
+
+def write_output(dest: str | os.PathLike, write: Callable[[Path], T]) -> tuple[T, Path]:
+    """Run ``write(folder)`` on an empty local folder and publish what it wrote to ``dest``
+    only when it returns; return its value and a local folder holding the published files.
+
+    * ``dest`` absent (or an empty folder): the staged folder is renamed to ``dest``.
+    * ``dest`` a folder holding files (a KFP output path, a folder shared with other
+      files): each written file is moved into place with ``os.replace``, whole, the
+      JSON description last; files ``write``
+      did not write are kept.
+    * ``dest`` an ``s3://bucket/prefix``: :func:`fcpts.storage.outputs.publish` uploads
+      every file and then the index; the returned folder is the local copy in the cache
+      that :func:`fcpts.storage.fetch_output` reads.
+
+    A failed ``write`` publishes nothing and removes the staged folder, so nothing that
+    was in ``dest`` before is lost.
+    """
+    from ..storage import staged_output
+
+    if is_remote(dest):
+        return _write_remote(str(dest), write)
+    final = Path(dest).expanduser()
+    if final.exists() and not final.is_dir():
+        raise UserError(f"output {final} is a file: give a folder path (a new or existing folder)")
+    if not final.is_dir() or not any(final.iterdir()):
+        with staged_output(final) as folder:
+            value = write(folder)
+        return value, final
+    tmp = final.parent / f".{final.name}.fcpts-stage-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        value = write(tmp)
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        order = sorted(files, key=lambda p: (p.suffix == ".json", p.stat().st_mtime_ns, str(p)))
+        for path in order:
+            target = final / path.relative_to(tmp)
+            if target.is_dir():
+                raise UserError(
+                    f"output {final} holds a folder {target.name} where the step writes a file: "
+                    "remove it or give another --out"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return value, final
+
+
+def _write_remote(uri: str, write: Callable[[Path], T]) -> tuple[T, Path]:
+    from ..storage import outputs, s3
+    from ..storage.cache import cache_root
+
+    client = s3.make_client()
+    outputs._check_bucket(client, uri, "write the output")  # before the step does its work
+    cache = cache_root() / ".outputs"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fcpts-output-", dir=cache))
+    try:
+        value = write(tmp)
+        index = outputs.publish(tmp, uri, client=client)
+        digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+        final = cache / digest[:40]  # where fetch_output looks for this very output
+        s3._replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return value, final
+
+
+def checkpoint_folder(out: str | os.PathLike) -> Path:
+    """Where allocate checkpoints for the output ``out``: ``<out>.checkpoint`` next to a
+    local output, a folder in the cache named after an ``s3://`` one. Stable, so a rerun
+    with ``--resume`` finds it."""
+    if is_remote(out):
+        from ..storage.cache import cache_root
+
+        name = hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:24]
+        return cache_root() / ".checkpoints" / name
+    final = Path(out).expanduser()
+    return final.parent / f"{final.name}.checkpoint"

@@ -49,7 +49,7 @@ from ..sources import (
 from ..sparse_model import load_sparse, read_manifest, round_half_up
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
-from .common import move, positive_int, progress, write_json
+from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
 
 FORMAT = "fcpts.metrics/1"
@@ -101,25 +101,33 @@ def evaluate(
     ``latency_seconds`` is the time budget of each latency measurement.
     ``tracking`` logs the evaluation data, the metrics, the reports and the sparse model
     (MLflow's PyTorch flavour) to the pipeline's MLflow run after the folder is written
-    (:mod:`fcpts.steps.tracked`).
+    (:mod:`fcpts.steps.tracked`). ``sparse`` may be an ``s3://`` output and ``out_dir`` an
+    ``s3://`` prefix; the output is written whole or not at all
+    (:func:`fcpts.steps.common.write_output`).
     """
+    sparse_dir = input_folder(sparse)
     if tracking is not None:
-        tracking = tracking.resolve(read_manifest(sparse))
+        tracking = tracking.resolve(read_manifest(sparse_dir))
     with failure_recorded(tracking, "evaluate"):
-        result, logged = _evaluate(
-            sources,
-            sparse,
+        (result, logged), local = write_output(
             out_dir,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            tolerance=tolerance,
-            latency_seconds=latency_seconds,
-            progress_bar=progress_bar,
-            resolved=resolved,
-            tracking=tracking,
+            lambda folder: _evaluate(
+                sources,
+                sparse_dir,
+                folder,
+                sparse_ref=str(sparse) if is_remote(sparse) else str(Path(sparse)),
+                samples=samples,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                tolerance=tolerance,
+                latency_seconds=latency_seconds,
+                progress_bar=progress_bar,
+                resolved=resolved,
+                tracking=tracking,
+            ),
         )
+        result.path = local
     if tracking is not None:
         run = tracking.open()
         log_evaluation(run, result.path, result.metrics, **logged)
@@ -132,6 +140,7 @@ def _evaluate(
     sparse: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    sparse_ref: str,
     samples: int | None,
     batch_size: int | None,
     seed: int | None,
@@ -217,7 +226,7 @@ def _evaluate(
         "method": manifest.get("method"),
         "score": manifest.get("score"),
         "model": {"source": model.source, "sha256": dense_digest},
-        "sparse_model": {"path": str(Path(sparse)), "model_sha256": manifest.get("model_sha256")},
+        "sparse_model": {"path": sparse_ref, "model_sha256": manifest.get("model_sha256")},
         "evaluation": {
             "data": data.source,
             "split": "evaluation",

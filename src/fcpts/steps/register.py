@@ -30,7 +30,14 @@ from typing import Any
 from ..errors import FcptsError, ServiceError, UserError
 from ..sparse_model import read_manifest, round_half_up
 from ..tracking.names import TAG_STEP
-from .common import read_json, write_json
+from .common import (
+    input_file_or_folder,
+    input_folder,
+    is_remote,
+    read_json,
+    write_json,
+    write_output,
+)
 from .tracked import Tracking, failure_recorded, finish_step
 
 FORMAT = "fcpts.decision/1"
@@ -186,7 +193,7 @@ class Registration:
 def _load_metrics(metrics: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(metrics, Mapping):
         return dict(metrics)
-    path = Path(metrics)
+    path = input_file_or_folder(metrics)
     if path.is_dir():
         path = path / "metrics.json"
     return read_json(
@@ -214,12 +221,24 @@ def register(
     start = time.perf_counter()
     tolerance = check_tolerance(tolerance)
     data = _load_metrics(metrics)
+    sparse_ref = str(sparse) if is_remote(sparse) else str(Path(sparse))
+    sparse = input_folder(sparse)
     manifest = read_manifest(sparse)
     decision = gate(data, manifest, tolerance)
     if tracking is None:
         fn, registry_name = load_registry(registry)
         return _register(
-            data, manifest, decision, sparse, out_dir, tolerance, fn, registry_name, name, start
+            data,
+            manifest,
+            decision,
+            sparse,
+            out_dir,
+            tolerance,
+            fn,
+            registry_name,
+            name,
+            start,
+            sparse_ref,
         )
     tracking = tracking.resolve(data, manifest)
     run = tracking.open()
@@ -232,7 +251,17 @@ def register(
         fn, registry_name = load_registry(registry)
     with failure_recorded(tracking, "register", run):
         result = _register(
-            data, manifest, decision, sparse, out_dir, tolerance, fn, registry_name, name, start
+            data,
+            manifest,
+            decision,
+            sparse,
+            out_dir,
+            tolerance,
+            fn,
+            registry_name,
+            name,
+            start,
+            sparse_ref,
         )
     run.log_artifact(result.path, "registration")
     finish_step(run, "register", result.record["step_seconds"])
@@ -250,6 +279,7 @@ def _register(
     registry_name: str | None,
     name: str | None,
     start: float,
+    sparse_ref: str,
 ) -> Registration:
     sources = manifest.get("sources") or {}
     model_name = name or _default_name(str(sources.get("model", "model")), manifest)
@@ -263,16 +293,13 @@ def _register(
         "target": manifest.get("target"),
         "achieved_sparsity": data.get("achieved_sparsity"),
         "method": manifest.get("method"),
-        "sparse_model": {"path": str(Path(sparse)), "model_sha256": manifest.get("model_sha256")},
+        "sparse_model": {"path": sparse_ref, "model_sha256": manifest.get("model_sha256")},
         "registry": registry_name,
         "registration": None,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / DECISION_FILE
     record["step_seconds"] = round(time.perf_counter() - start, 3)
-    write_json(path, record)
+    path = _publish(out_dir, record)
     if fn is not None:
         request = RegistryRequest(model_name, Path(sparse), manifest, data, decision)
         try:
@@ -282,11 +309,11 @@ def _register(
                 "status": "failed",
                 "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             }
-            write_json(path, record)
+            _publish(out_dir, record)
             raise
         except Exception as exc:
             record["registration"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            write_json(path, record)
+            _publish(out_dir, record)
             raise ServiceError(
                 f"registry {registry_name} failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -299,8 +326,14 @@ def _register(
     else:
         record["registration"] = {"status": "not registered: rejected by the gate"}
     record["step_seconds"] = round(time.perf_counter() - start, 3)
-    write_json(path, record)
+    path = _publish(out_dir, record)
     return Registration(path=path, decision=decision, record=record)
+
+
+def _publish(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write decision.json to ``out_dir`` (a folder or ``s3://`` prefix), whole; its local path."""
+    _, local = write_output(out_dir, lambda folder: write_json(folder / DECISION_FILE, record))
+    return local / DECISION_FILE
 
 
 def _default_name(source: str, manifest: Mapping[str, Any]) -> str:
