@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_fcpts
 from safetensors.torch import load_file
 
 from fcpts.checkpoint import FILE_NAME
@@ -75,6 +76,16 @@ def test_pipeline_by_steps_on_s3(aws_env, tmp_path):
     assert manifest == sparse.manifest
     assert manifest["model_sha256"] == _sha(fetched / "model.safetensors")
     assert not (fetched / INDEX_NAME).exists()
+
+    # the CLI step reads and writes s3:// too
+    env = {k: os.environ[k] for k in os.environ if k.startswith(("AWS_", "FCPTS_"))}
+    cli = run_fcpts(
+        "evaluate", "--model", "demo:digits-cnn", "--sparse", f"{base}/sparse", "--out",
+        f"{base}/evaluation-cli", "--latency-seconds", "0.05", "--no-tracking", env=env,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert f"wrote {base}/evaluation-cli/metrics.json" in cli.stdout
+    assert "metrics.json" in read_index(f"{base}/evaluation-cli")["files"]
 
 
 def _allocate_cli(cal: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -93,8 +93,8 @@ def add_parsers(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="save the allocator's whole state every N iterations (default: 25); deleted "
-        "once the output is written",
+        help="save the allocator's whole state every N iterations (default: 25); the "
+        "checkpoint is deleted once the output is written",
     )
     g.add_argument(
         "--checkpoint-dir",
