@@ -52,11 +52,31 @@ def variants(quick: bool) -> list[Variant]:
         Variant("erk", "erk"),
         Variant("owl (wanda)", "owl", "wanda"),
         Variant("wanda, uniform", "uniform", "wanda"),
-        Variant("fcpts thresholds, magnitude, no STE (official)", "fcpts", "magnitude", {"joint": False, "ste": False, **iters}, (0.8,)),
-        Variant("fcpts thresholds, magnitude", "fcpts", "magnitude", {"joint": False, **iters}, (0.8, 0.9)),
+        Variant(
+            "fcpts thresholds, magnitude, no STE (official)",
+            "fcpts",
+            "magnitude",
+            {"joint": False, "ste": False, **iters},
+            (0.8,),
+        ),
+        Variant(
+            "fcpts thresholds, magnitude",
+            "fcpts",
+            "magnitude",
+            {"joint": False, **iters},
+            (0.8, 0.9),
+        ),
         Variant("fcpts thresholds, wanda", "fcpts", "wanda", {"joint": False, **iters}, (0.8, 0.9)),
-        Variant("uniform + weight recon, wanda", "fcpts", "wanda", {"init": "uniform", **fixed}, (0.8, 0.9)),
-        Variant("erk + weight recon, wanda", "fcpts", "wanda", {"init": "erk", **fixed}, (0.8, 0.9)),
+        Variant(
+            "uniform + weight recon, wanda",
+            "fcpts",
+            "wanda",
+            {"init": "uniform", **fixed},
+            (0.8, 0.9),
+        ),
+        Variant(
+            "erk + weight recon, wanda", "fcpts", "wanda", {"init": "erk", **fixed}, (0.8, 0.9)
+        ),
         Variant("fcpts joint, magnitude", "fcpts", "magnitude", dict(iters)),
     ]
 
@@ -74,7 +94,10 @@ def machine() -> str:
 
 
 def _key(case: str, variant: Variant, target: float) -> str:
-    return json.dumps([case, variant.label, variant.method, variant.score, variant.settings, target], sort_keys=True)
+    return json.dumps(
+        [case, variant.label, variant.method, variant.score, variant.settings, target],
+        sort_keys=True,
+    )
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -90,10 +113,21 @@ def load_rows(path: Path) -> dict[str, dict]:
 
 
 def run_case(
-    case: str, targets: list[float], quick: bool, log, done: dict[str, dict], rows_path: Path, measure: bool = True
+    case: str,
+    targets: list[float],
+    quick: bool,
+    log,
+    done: dict[str, dict],
+    rows_path: Path,
+    measure: bool = True,
 ) -> list[dict]:
     if not measure:  # --render-only: the table from the rows measured so far
-        return [done[_key(case, v, t)] for v in variants(quick) for t in targets if _key(case, v, t) in done]
+        return [
+            done[_key(case, v, t)]
+            for v in variants(quick)
+            for t in targets
+            if _key(case, v, t) in done
+        ]
     demo = load_demo(f"demo:{case}")
     bs = 16 if case == "minilm" else demo.defaults["batch_size"]
     calib = demo.split("calibration", demo.defaults["calibration_samples"], bs)
@@ -113,13 +147,26 @@ def run_case(
                 continue
             start = time.perf_counter()
             alloc = sparsify(
-                demo.model, target, method=variant.method, score=variant.score, task=demo.task,
-                batches=calib, selection=demo.selection, settings=variant.settings, device="cpu",
+                demo.model,
+                target,
+                method=variant.method,
+                score=variant.score,
+                task=demo.task,
+                batches=calib,
+                selection=demo.selection,
+                settings=variant.settings,
+                device="cpu",
             )
             seconds = time.perf_counter() - start
             sparse = apply_allocation(demo.model, alloc)
-            row = {"case": case, "method": variant.label, "target": target, "achieved": alloc.achieved,
-                   "exact": alloc.zeros == int(target * alloc.prunable + 0.5), "seconds": seconds}
+            row = {
+                "case": case,
+                "method": variant.label,
+                "target": target,
+                "achieved": alloc.achieved,
+                "exact": alloc.zeros == int(target * alloc.prunable + 0.5),
+                "seconds": seconds,
+            }
             out = outputs(sparse, demo.task, held)
             if labels is None:
                 row["quality"] = mean_cosine(out, dense)
@@ -132,7 +179,11 @@ def run_case(
             rows.append(row)
             with rows_path.open("a") as fh:
                 fh.write(json.dumps({"key": key, "row": row}) + "\n")
-            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            log(
+                " ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                )
+            )
     return rows
 
 
@@ -160,19 +211,29 @@ def table(rows: list[dict], case: str, targets: list[float]) -> str:
     exact = all(r["exact"] for r in sub)
     worst = max(abs(r["achieved"] - r["target"]) for r in sub)
     lines.append("")
-    lines.append(f"Achieved sparsity equals round(target x N)/N in every row: {exact} "
-                 f"(largest |achieved - target| = {worst:.2e}, from rounding to whole weights).")
+    lines.append(
+        f"Achieved sparsity equals round(target x N)/N in every row: {exact} "
+        f"(largest |achieved - target| = {worst:.2e}, from rounding to whole weights)."
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", default="digits-cnn,minilm")
     parser.add_argument("--targets", default=None, help="comma-separated; default per case")
     parser.add_argument("--quick", action="store_true", help="40 iterations instead of the default")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--resume", action="store_true", help=f"reuse rows already measured in {ROWS.name}")
-    parser.add_argument("--render-only", action="store_true", help=f"write the table from {ROWS.name}, measure nothing")
+    parser.add_argument(
+        "--resume", action="store_true", help=f"reuse rows already measured in {ROWS.name}"
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help=f"write the table from {ROWS.name}, measure nothing",
+    )
     args = parser.parse_args(argv)
     if args.render_only:
         args.resume = True
@@ -191,8 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows: list[dict] = []
     for case in args.cases.split(","):
-        targets = [float(t) for t in args.targets.split(",")] if args.targets else default_targets[case]
-        rows += run_case(case, targets, args.quick, lambda s: print(s, file=sys.stderr, flush=True), done, ROWS, not args.render_only)
+        targets = (
+            [float(t) for t in args.targets.split(",")] if args.targets else default_targets[case]
+        )
+        rows += run_case(
+            case,
+            targets,
+            args.quick,
+            lambda s: print(s, file=sys.stderr, flush=True),
+            done,
+            ROWS,
+            not args.render_only,
+        )
         title = {
             "minilm": "all-MiniLM-L6-v2: held-out mean cosine to dense / nearest-neighbour agreement / seconds",
             "digits-cnn": "digits CNN: held-out top-1 without / with BN recalibration / seconds",

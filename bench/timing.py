@@ -22,13 +22,17 @@ OUT = Path(__file__).resolve().parent / "TIMING.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", default="0.8,0.9")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     demo = load_demo("demo:minilm")
-    calib = demo.split("calibration", demo.defaults["calibration_samples"], demo.defaults["batch_size"])
+    calib = demo.split(
+        "calibration", demo.defaults["calibration_samples"], demo.defaults["batch_size"]
+    )
     held = demo.split("evaluation", demo.defaults["evaluation_samples"], 64)
     dense = outputs(demo.model, demo.task, held)
     lines = [
@@ -45,10 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         times, cos = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            alloc = sparsify(demo.model, target, task=demo.task, batches=calib, selection=demo.selection, device="cpu")
+            alloc = sparsify(
+                demo.model,
+                target,
+                task=demo.task,
+                batches=calib,
+                selection=demo.selection,
+                device="cpu",
+            )
             times.append(time.perf_counter() - start)
             cos = mean_cosine(outputs(apply_allocation(demo.model, alloc), demo.task, held), dense)
-        lines.append(f"| {target:g} | {cos:.3f} | {', '.join(f'{t:.0f}' for t in times)} | {statistics.median(times):.0f} |")
+        lines.append(
+            f"| {target:g} | {cos:.3f} | {', '.join(f'{t:.0f}' for t in times)} | {statistics.median(times):.0f} |"
+        )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

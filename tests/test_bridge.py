@@ -18,8 +18,18 @@ def _grad_at(scores: torch.Tensor, t: float, **kw) -> tuple[float, float]:
 
 CASES = [
     # name, sampler, analytic density, thresholds
-    ("half-normal", lambda g: torch.randn(200_000, generator=g).abs(), lambda t: 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi), [0.3, 0.8, 1.5]),
-    ("exponential", lambda g: torch.empty(200_000).exponential_(1.0, generator=g), lambda t: math.exp(-t), [0.2, 1.0, 2.0]),
+    (
+        "half-normal",
+        lambda g: torch.randn(200_000, generator=g).abs(),
+        lambda t: 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi),
+        [0.3, 0.8, 1.5],
+    ),
+    (
+        "exponential",
+        lambda g: torch.empty(200_000).exponential_(1.0, generator=g),
+        lambda t: math.exp(-t),
+        [0.2, 1.0, 2.0],
+    ),
     ("uniform", lambda g: torch.rand(200_000, generator=g) * 2.0, lambda t: 0.5, [0.4, 1.0, 1.6]),
 ]
 
@@ -59,4 +69,4 @@ def test_forward_is_exact_count_with_ties():
 
 def test_silverman_bandwidth_of_standard_normal():
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(4))
-    assert silverman_bandwidth(x) == pytest.approx(0.9 * 10_000 ** -0.2, rel=0.05)
+    assert silverman_bandwidth(x) == pytest.approx(0.9 * 10_000**-0.2, rel=0.05)

@@ -57,13 +57,26 @@ def test_exact_landing_grid(method, seed):
             layer.min_zeros() for layer in layers
         ):
             with pytest.raises(UserError):
-                sparsify(model, target, method=method, task=ClassifierTask(), batches=_batches(seed), selection=selection)
+                sparsify(
+                    model,
+                    target,
+                    method=method,
+                    task=ClassifierTask(),
+                    batches=_batches(seed),
+                    selection=selection,
+                )
             continue
         settings = {"iters": 5} if method == "fcpts" else None
         score = "wanda" if seed % 2 else "magnitude"
         alloc = sparsify(
-            model, target, method=method, score=score, task=ClassifierTask(),
-            batches=_batches(seed), selection=selection, settings=settings,
+            model,
+            target,
+            method=method,
+            score=score,
+            task=ClassifierTask(),
+            batches=_batches(seed),
+            selection=selection,
+            settings=settings,
         )
         want = math.floor(target * n + 0.5)
         assert alloc.zeros == want and alloc.prunable == n
@@ -107,7 +120,9 @@ def test_wanda_uses_input_norms():
         model[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
     # the first input channel is 10x larger, so its weight scores 10 against 2
     batches = [{"x": torch.tensor([[10.0, 1.0]])}]
-    alloc = sparsify(model, 0.5, method="uniform", score="wanda", task=ClassifierTask(), batches=batches)
+    alloc = sparsify(
+        model, 0.5, method="uniform", score="wanda", task=ClassifierTask(), batches=batches
+    )
     assert alloc.masks["0"].tolist() == [[True, False]]
     alloc = sparsify(model, 0.5, method="uniform", score="magnitude")
     assert alloc.masks["0"].tolist() == [[False, True]]

@@ -27,7 +27,9 @@ def test_digits_cnn_fcpts_beats_uniform_at_80(digits):
     assert dense_acc > 0.95  # the demo model is really trained
 
     def accuracy(method):
-        alloc = sparsify(digits.model, 0.8, method=method, task=digits.task, batches=calib, device="cpu")
+        alloc = sparsify(
+            digits.model, 0.8, method=method, task=digits.task, batches=calib, device="cpu"
+        )
         assert alloc.zeros == int(0.8 * alloc.prunable + 0.5)
         return top1(outputs(apply_allocation(digits.model, alloc), digits.task, held), labels)
 
@@ -43,8 +45,14 @@ def test_minilm_fcpts_beats_uniform_at_80(minilm):
 
     def cosine(method, settings=None):
         alloc = sparsify(
-            minilm.model, 0.8, method=method, task=minilm.task, batches=calib,
-            selection=minilm.selection, settings=settings, device="cpu",
+            minilm.model,
+            0.8,
+            method=method,
+            task=minilm.task,
+            batches=calib,
+            selection=minilm.selection,
+            settings=settings,
+            device="cpu",
         )
         assert alloc.zeros == int(0.8 * alloc.prunable + 0.5)
         return mean_cosine(outputs(apply_allocation(minilm.model, alloc), minilm.task, held), dense)

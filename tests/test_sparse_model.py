@@ -56,15 +56,26 @@ def test_wrong_architecture_and_missing_manifest(tmp_path):
 
 def test_joint_reconstruction_changes_only_kept_weights():
     model = _model()
-    batches = [{"x": torch.randn(16, 6, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    batches = [
+        {"x": torch.randn(16, 6, generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
     from fcpts.tasks import Task
 
-    alloc = sparsify(model, 0.5, method="fcpts", task=Task(), batches=batches, settings={"iters": 10})
+    alloc = sparsify(
+        model, 0.5, method="fcpts", task=Task(), batches=batches, settings={"iters": 10}
+    )
     sparse = apply_allocation(model, alloc)
     for layer in alloc.layers:
         w = sparse.get_submodule(layer.name).weight
         assert int((w == 0).sum()) == layer.zeros
-    frozen = sparsify(model, 0.5, method="fcpts", task=Task(), batches=batches, settings={"iters": 10, "joint": False})
+    frozen = sparsify(
+        model,
+        0.5,
+        method="fcpts",
+        task=Task(),
+        batches=batches,
+        settings={"iters": 10, "joint": False},
+    )
     kept = apply_allocation(model, frozen)
     for layer in frozen.layers:
         w, w0 = kept.get_submodule(layer.name).weight, model.get_submodule(layer.name).weight
@@ -77,7 +88,11 @@ def test_same_seed_same_result():
     batches = [{"x": torch.randn(16, 6, generator=torch.Generator().manual_seed(1))}]
     from fcpts.tasks import Task
 
-    a = sparsify(model, 0.7, method="fcpts", task=Task(), batches=batches, settings={"iters": 15, "seed": 3})
-    b = sparsify(model, 0.7, method="fcpts", task=Task(), batches=batches, settings={"iters": 15, "seed": 3})
+    a = sparsify(
+        model, 0.7, method="fcpts", task=Task(), batches=batches, settings={"iters": 15, "seed": 3}
+    )
+    b = sparsify(
+        model, 0.7, method="fcpts", task=Task(), batches=batches, settings={"iters": 15, "seed": 3}
+    )
     assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)

@@ -51,9 +51,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device: use auto, cpu or cuda[:N]") from None
+        raise UserError(
+            f"--device {device!r} is not a torch device: use auto, cpu or cuda[:N]"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but no CUDA GPU is visible: use --device cpu")
+        raise UserError(
+            f"--device {device} asked for CUDA but no CUDA GPU is visible: use --device cpu"
+        )
     return dev
 
 
@@ -90,9 +94,13 @@ def sparsify(
     target = check_target(target)
     checkpointer = None
     if checkpoint_dir is not None:
-        checkpointer = Checkpointer(CheckpointConfig(Path(checkpoint_dir), checkpoint_every, resume))
+        checkpointer = Checkpointer(
+            CheckpointConfig(Path(checkpoint_dir), checkpoint_every, resume)
+        )
     elif resume:
-        raise UserError("resume needs checkpoint_dir: the folder the interrupted run checkpointed to")
+        raise UserError(
+            "resume needs checkpoint_dir: the folder the interrupted run checkpointed to"
+        )
     if score == "auto":
         # the benchmark's best variant: activation-aware scores whenever data is at hand
         score = "wanda" if task is not None and batches else "magnitude"

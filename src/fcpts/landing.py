@@ -58,7 +58,9 @@ def check_feasible(target: float, layers: Sequence[LayerSpec]) -> int:
     return k
 
 
-def sorted_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def sorted_scores(
+    scores: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: scores sorted ascending (stable) and the flat indices of that order."""
     out = {}
     for name, s in scores.items():
@@ -106,9 +108,7 @@ def land_counts(
     if remaining == 0:
         return counts
     parts = [keys[layer.name][lo[layer.name] : hi[layer.name]] for layer in layers]
-    owner = torch.cat(
-        [torch.full((p.numel(),), i, dtype=torch.int64) for i, p in enumerate(parts)]
-    )
+    owner = torch.cat([torch.full((p.numel(),), i, dtype=torch.int64) for i, p in enumerate(parts)])
     flat = torch.cat([p.double().cpu() for p in parts])
     # the remaining-th smallest key; everything strictly below it is pruned, ties fill up
     kth = torch.kthvalue(flat, remaining).values

@@ -28,7 +28,9 @@ def count_sparsity(model: nn.Module, layers: Sequence[LayerSpec]) -> dict[str, A
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu") -> torch.Tensor:
+def outputs(
+    model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """The task outputs of ``model`` over ``batches``, concatenated on the CPU."""
     model.eval()
     outs = []
@@ -48,6 +50,7 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def neighbour_agreement(dense: torch.Tensor, sparse: torch.Tensor) -> float:
     """Fraction of items whose nearest neighbour (cosine, excluding itself) is unchanged."""
+
     def nn_index(x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         sim = x @ x.T
@@ -62,7 +65,9 @@ def relative_output_mse(dense: torch.Tensor, sparse: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu") -> int:
+def recalibrate_batchnorm(
+    model: nn.Module, task: Task, batches: Iterable, device: str | torch.device = "cpu"
+) -> int:
     """Re-estimate BatchNorm running statistics on ``batches``; returns how many BN layers."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

@@ -129,28 +129,38 @@ def save_sparse(model: nn.Module, data: dict[str, Any], out_dir: str | os.PathLi
 def read_manifest(sparse_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(sparse_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise UserError(f"{sparse_dir} holds no {MANIFEST_FILE}: point to the --out folder of `fcpts allocate`")
+        raise UserError(
+            f"{sparse_dir} holds no {MANIFEST_FILE}: point to the --out folder of `fcpts allocate`"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); rerun `fcpts allocate`") from None
 
 
-def load_state(sparse_dir: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_state(
+    sparse_dir: str | os.PathLike, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The saved state_dict and manifest; checks the file's sha256 against the manifest."""
     data = read_manifest(sparse_dir)
     path = Path(sparse_dir) / data.get("model_file", MODEL_FILE)
     if not path.is_file():
-        raise UserError(f"{path} is missing: the sparse model folder is incomplete; rerun `fcpts allocate`")
+        raise UserError(
+            f"{path} is missing: the sparse model folder is incomplete; rerun `fcpts allocate`"
+        )
     if verify and data.get("model_sha256") and sha256_file(path) != data["model_sha256"]:
-        raise UserError(f"{path} does not match the sha256 in its manifest: the file is corrupt or was changed")
+        raise UserError(
+            f"{path} does not match the sha256 in its manifest: the file is corrupt or was changed"
+        )
     try:
         return load_file(str(path)), data
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def load_sparse(model: nn.Module, sparse_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_sparse(
+    model: nn.Module, sparse_dir: str | os.PathLike
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load a saved sparse model into a copy of ``model`` (same architecture)."""
     state, data = load_state(sparse_dir)
     sparse = copy.deepcopy(model)
@@ -158,5 +168,7 @@ def load_sparse(model: nn.Module, sparse_dir: str | os.PathLike) -> tuple[nn.Mod
         sparse.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"the sparse model in {sparse_dir} does not fit this model: {first}") from None
+        raise UserError(
+            f"the sparse model in {sparse_dir} does not fit this model: {first}"
+        ) from None
     return sparse, data

@@ -5,4 +5,12 @@ from .base import Allocation, Allocator, LayerResult, Problem, Proposal, get_all
 
 METHODS = tuple(sorted(Allocator.registry))
 
-__all__ = ["Allocation", "Allocator", "LayerResult", "METHODS", "Problem", "Proposal", "get_allocator"]
+__all__ = [
+    "Allocation",
+    "Allocator",
+    "LayerResult",
+    "METHODS",
+    "Problem",
+    "Proposal",
+    "get_allocator",
+]

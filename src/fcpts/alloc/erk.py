@@ -24,7 +24,9 @@ def erk_sparsities(layers: Sequence[LayerSpec], target: float) -> dict[str, floa
     def densities(log_eps: float) -> dict[str, float]:
         eps = math.exp(log_eps)
         return {
-            layer.name: min(1.0 - layer.min_sparsity, max(1.0 - layer.max_sparsity, eps * raw[layer.name]))
+            layer.name: min(
+                1.0 - layer.min_sparsity, max(1.0 - layer.max_sparsity, eps * raw[layer.name])
+            )
             for layer in layers
         }
 

@@ -86,18 +86,42 @@ class FCPTS(Allocator):
                 if not ok:
                     raise UserError(f"fcpts setting {msg}")
 
-            need(int(self.iters) == self.iters and self.iters >= 0, f"iters must be an integer >= 0, got {self.iters}")
-            need(self.lam >= 0, f"lam must be >= 0 (weight of the sparsity constraint), got {self.lam}")
-            need(self.tolerance > 0, f"tolerance must be > 0 (allowed |S - S*| before lam grows), got {self.tolerance}")
-            need(self.constraint in ("l1", "l2"), f"constraint must be 'l1' or 'l2', got {self.constraint!r}")
+            need(
+                int(self.iters) == self.iters and self.iters >= 0,
+                f"iters must be an integer >= 0, got {self.iters}",
+            )
+            need(
+                self.lam >= 0,
+                f"lam must be >= 0 (weight of the sparsity constraint), got {self.lam}",
+            )
+            need(
+                self.tolerance > 0,
+                f"tolerance must be > 0 (allowed |S - S*| before lam grows), got {self.tolerance}",
+            )
+            need(
+                self.constraint in ("l1", "l2"),
+                f"constraint must be 'l1' or 'l2', got {self.constraint!r}",
+            )
             need(self.lr > 0, f"lr must be > 0 (threshold learning rate, e.g. 0.05), got {self.lr}")
             need(self.weight_lr >= 0, f"weight_lr must be >= 0, got {self.weight_lr}")
-            need(self.ste_width > 0, f"ste_width must be > 0 (in KDE bandwidths), got {self.ste_width}")
-            need(self.schedule in ("constant", "cosine"), f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-            need(self.init in ("erk", "uniform"), f"init must be 'erk' or 'uniform', got {self.init!r}")
+            need(
+                self.ste_width > 0,
+                f"ste_width must be > 0 (in KDE bandwidths), got {self.ste_width}",
+            )
+            need(
+                self.schedule in ("constant", "cosine"),
+                f"schedule must be 'constant' or 'cosine', got {self.schedule!r}",
+            )
+            need(
+                self.init in ("erk", "uniform"),
+                f"init must be 'erk' or 'uniform', got {self.init!r}",
+            )
             need(self.bridge in BRIDGES, f"bridge must be one of {BRIDGES}, got {self.bridge!r}")
             need(self.kde_samples >= 16, f"kde_samples must be >= 16, got {self.kde_samples}")
-            need(self.output_weight >= 0 and self.block_weight >= 0, "output_weight and block_weight must be >= 0")
+            need(
+                self.output_weight >= 0 and self.block_weight >= 0,
+                "output_weight and block_weight must be >= 0",
+            )
             need(
                 self.learn_thresholds or (self.joint and self.weight_lr > 0),
                 "learn_thresholds=False with joint=False leaves nothing to learn: use method erk or uniform",
@@ -107,9 +131,13 @@ class FCPTS(Allocator):
     def propose(self, problem: Problem) -> Proposal:
         cfg = self.config
         if problem.model is None or problem.task is None:
-            raise UserError("the fcpts method learns from calibration data: give it a model and a task")
+            raise UserError(
+                "the fcpts method learns from calibration data: give it a model and a task"
+            )
         if not problem.batches:
-            raise UserError("the calibration set is empty: fcpts needs at least one calibration batch")
+            raise UserError(
+                "the calibration set is empty: fcpts needs at least one calibration batch"
+            )
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         device = problem.device
@@ -121,7 +149,10 @@ class FCPTS(Allocator):
         init = (
             erk_sparsities(layers, problem.target)
             if cfg.init == "erk"
-            else {layer.name: min(layer.max_sparsity, max(layer.min_sparsity, problem.target)) for layer in layers}
+            else {
+                layer.name: min(layer.max_sparsity, max(layer.min_sparsity, problem.target))
+                for layer in layers
+            }
         )
         dists, refs, theta0, lo_theta, hi_theta, widths = {}, [], [], [], [], []
         for layer in learn:
@@ -133,8 +164,16 @@ class FCPTS(Allocator):
             refs.append(ref)
             t0 = max(_threshold_at(values, init[layer.name]), ref * 1e-12)
             theta0.append(math.log(t0 / ref))
-            lo = math.log(max(_threshold_at(values, layer.min_sparsity), ref * 1e-12) / ref) if layer.min_sparsity > 0 else -60.0
-            hi = math.log(max(_threshold_at(values, layer.max_sparsity), ref * 1e-12) / ref) if layer.max_sparsity < 1 else 60.0
+            lo = (
+                math.log(max(_threshold_at(values, layer.min_sparsity), ref * 1e-12) / ref)
+                if layer.min_sparsity > 0
+                else -60.0
+            )
+            hi = (
+                math.log(max(_threshold_at(values, layer.max_sparsity), ref * 1e-12) / ref)
+                if layer.max_sparsity < 1
+                else 60.0
+            )
             lo_theta.append(lo)
             hi_theta.append(hi)
             widths.append(cfg.ste_width * dist.bandwidth)
@@ -161,7 +200,12 @@ class FCPTS(Allocator):
                     p.requires_grad_(True)
                     if name not in learn_names:
                         extra[name] = p
-            param_groups.append({"params": [w for w in weights.values()] + list(extra.values()), "lr": cfg.weight_lr})
+            param_groups.append(
+                {
+                    "params": [w for w in weights.values()] + list(extra.values()),
+                    "lr": cfg.weight_lr,
+                }
+            )
         optimizer = torch.optim.Adam(param_groups)
         scheduler = (
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.iters))
@@ -190,14 +234,19 @@ class FCPTS(Allocator):
         history: list[dict[str, float]] = []
         rec_scale: float | None = None
         lam = cfg.lam
-        trained = {"theta": theta, **{f"param.{n}": p for n, p in student.named_parameters() if p.requires_grad}}
+        trained = {
+            "theta": theta,
+            **{f"param.{n}": p for n, p in student.named_parameters() if p.requires_grad},
+        }
         checkpointer, fingerprint, start = problem.checkpoint, {}, 0
         if checkpointer is not None:
             fingerprint = self._fingerprint(problem)
             snapshot = checkpointer.load(fingerprint)
             if snapshot is not None:
                 start = snapshot.iteration
-                lam, rec_scale, history = self._restore(snapshot, trained, optimizer, scheduler, device)
+                lam, rec_scale, history = self._restore(
+                    snapshot, trained, optimizer, scheduler, device
+                )
         bar = tqdm(
             range(start, cfg.iters),
             desc=f"fcpts {problem.target:.0%}",
@@ -235,7 +284,9 @@ class FCPTS(Allocator):
             t_out, t_blocks = teacher_out[i]
             l_rec = cfg.output_weight * task.loss(task.target(raw, batch), t_out, batch)
             if block_cache:
-                l_blocks = sum(relative_mse(block_cache[k], t_blocks[k]) for k in block_cache) / len(block_cache)
+                l_blocks = sum(
+                    relative_mse(block_cache[k], t_blocks[k]) for k in block_cache
+                ) / len(block_cache)
                 l_rec = l_rec + cfg.block_weight * l_blocks
             block_cache.clear()
             if rec_scale is None:
@@ -260,7 +311,9 @@ class FCPTS(Allocator):
                 "global_sparsity": global_s.item(),
             }
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", sparsity=f"{record['global_sparsity']:.4f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", sparsity=f"{record['global_sparsity']:.4f}"
+            )
             if problem.callback is not None:
                 problem.callback(it, record)
             if checkpointer is not None and checkpointer.due(it + 1, cfg.iters):
@@ -304,7 +357,9 @@ class FCPTS(Allocator):
         )
 
     @staticmethod
-    def _restore(snapshot, trained, optimizer, scheduler, device) -> tuple[float, float | None, list]:
+    def _restore(
+        snapshot, trained, optimizer, scheduler, device
+    ) -> tuple[float, float | None, list]:
         """Put a checkpoint's state back; return lam, the loss scale and the history."""
         missing = sorted(set(trained) - set(snapshot.tensors))
         if missing:
@@ -325,7 +380,9 @@ class FCPTS(Allocator):
 
         if not patterns:
             return {}
-        found = {n: m for n, m in model.named_modules() if n and any(matches(n, p) for p in patterns)}
+        found = {
+            n: m for n, m in model.named_modules() if n and any(matches(n, p) for p in patterns)
+        }
         if not found:
             raise UserError(f"fcpts setting blocks {list(patterns)} matches no module of the model")
         return found

@@ -35,9 +35,13 @@ class OWL(Allocator):
             ratios[layer.name] = (s > self.config.m * s.mean()).float().mean().item()
         lo, hi = min(ratios.values()), max(ratios.values())
         span = hi - lo
-        scaled = {n: ((r - lo) / span if span > 0 else 0.0) * 2 * self.config.lam for n, r in ratios.items()}
+        scaled = {
+            n: ((r - lo) / span if span > 0 else 0.0) * 2 * self.config.lam
+            for n, r in ratios.items()
+        }
         mean = sum(scaled.values()) / len(scaled)
         sparsities = {
-            n: min(1.0, max(0.0, 1.0 - (v - mean + (1.0 - problem.target)))) for n, v in scaled.items()
+            n: min(1.0, max(0.0, 1.0 - (v - mean + (1.0 - problem.target))))
+            for n, v in scaled.items()
         }
         return Proposal(sparsities=sparsities)

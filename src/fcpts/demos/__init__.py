@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .base import Demo, load_demo, DEMOS
+from .base import DEMOS, Demo, load_demo
 
 __all__ = ["DEMOS", "Demo", "load_demo"]

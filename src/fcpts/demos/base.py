@@ -42,5 +42,7 @@ DEMOS: dict[str, Callable[[], Demo]] = {"minilm": _minilm, "digits-cnn": _digits
 def load_demo(name: str) -> Demo:
     key = name.removeprefix("demo:")
     if key not in DEMOS:
-        raise UserError(f"unknown demo {name!r}: choose one of {', '.join('demo:' + k for k in DEMOS)}")
+        raise UserError(
+            f"unknown demo {name!r}: choose one of {', '.join('demo:' + k for k in DEMOS)}"
+        )
     return DEMOS[key]()

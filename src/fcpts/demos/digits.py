@@ -21,16 +21,29 @@ from .base import Demo
 
 SEED = 0
 # 1797 images: 897 train, then 300 each for calibration, validation and evaluation
-SPLITS = {"train": (0, 897), "calibration": (897, 1197), "validation": (1197, 1497), "evaluation": (1497, 1797)}
+SPLITS = {
+    "train": (0, 897),
+    "calibration": (897, 1197),
+    "validation": (1197, 1497),
+    "evaluation": (1497, 1797),
+}
 
 
 class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
@@ -60,7 +73,9 @@ def split(name: str, n: int, batch_size: int) -> list[dict[str, Any]]:
     lo, hi = SPLITS[name]
     n = min(n, hi - lo)
     xs, ys = x[lo : lo + n], y[lo : lo + n]
-    return [{"x": xs[i : i + batch_size], "y": ys[i : i + batch_size]} for i in range(0, n, batch_size)]
+    return [
+        {"x": xs[i : i + batch_size], "y": ys[i : i + batch_size]} for i in range(0, n, batch_size)
+    ]
 
 
 def cache_dir() -> Path:

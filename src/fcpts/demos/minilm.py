@@ -54,7 +54,9 @@ def tokenize(tokenizer, sentences: list[str], batch_size: int) -> list[dict[str,
     return batches
 
 
-def _split(tokenizer, corpus: list[str], name: str, n: int, batch_size: int) -> list[dict[str, Any]]:
+def _split(
+    tokenizer, corpus: list[str], name: str, n: int, batch_size: int
+) -> list[dict[str, Any]]:
     return tokenize(tokenizer, text.split(corpus, name, n), batch_size)
 
 

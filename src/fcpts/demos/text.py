@@ -13,18 +13,97 @@ import re
 import warnings
 
 MODULES = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
-    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
-    "email", "enum", "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt",
-    "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "http.server",
-    "imaplib", "inspect", "ipaddress", "itertools", "json", "logging", "lzma", "mailbox",
-    "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pdb",
-    "pickle", "pkgutil", "platform", "poplib", "pprint", "queue", "random", "re", "sched",
-    "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket",
-    "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "tarfile",
-    "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback",
-    "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave",
-    "weakref", "xml.dom.minidom", "zipfile", "zoneinfo",
+    "argparse",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "lzma",
+    "mailbox",
+    "mimetypes",
+    "multiprocessing",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "pathlib",
+    "pdb",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "poplib",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
+    "zoneinfo",
 )
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORD = re.compile(r"[A-Za-z]+")
@@ -82,10 +161,18 @@ def split(corpus: list[str], name: str, n: int, seed: int = 0) -> list[str]:
     """Disjoint splits: calibration from the front, evaluation from the back, validation between."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    rng_order = sorted(range(len(corpus)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    rng_order = sorted(
+        range(len(corpus)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()
+    )
     third = len(corpus) // 3
-    ranges = {"calibration": rng_order[:third], "validation": rng_order[third : 2 * third], "evaluation": rng_order[2 * third :]}
+    ranges = {
+        "calibration": rng_order[:third],
+        "validation": rng_order[third : 2 * third],
+        "evaluation": rng_order[2 * third :],
+    }
     chosen = ranges[name]
     if n > len(chosen):
-        raise ValueError(f"the {name} split has {len(chosen)} sentences, fewer than the {n} asked for")
+        raise ValueError(
+            f"the {name} split has {len(chosen)} sentences, fewer than the {n} asked for"
+        )
     return [corpus[i] for i in chosen[:n]]
