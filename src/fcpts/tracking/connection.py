@@ -150,6 +150,23 @@ def embedded_artifact_location(uri: str) -> str | None:
 # ------------------------------------------------------------------------------ retries
 
 
+# (what the low-level error says, what the user is told), first match wins
+_CAUSES = (
+    (("Connection refused", "NewConnectionError"), "connection refused"),
+    (("Name or service not known", "nodename nor servname", "getaddrinfo"), "host name not found"),
+    (("timed out", "Timeout"), "timed out"),
+    (("RemoteDisconnected", "Connection reset", "Connection aborted"), "connection dropped"),
+)
+
+
+def short_cause(text: str) -> str:
+    """A few words for a connection failure; other errors' first line, at most 300 characters."""
+    for needles, cause in _CAUSES:
+        if any(n in text for n in needles):
+            return cause
+    return text.splitlines()[0][:300] if text else "no detail"
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """``attempts`` tries in all; the n-th retry waits ``backoff * 2**(n-1)`` seconds (at most
@@ -301,7 +318,7 @@ class Store:
     def unreachable_message(
         self, what: str, attempts: int, seconds: float, exc: BaseException
     ) -> str:
-        cause = redact(getattr(exc, "message", None) or exc).splitlines()[0][:300]
+        cause = short_cause(redact(getattr(exc, "message", None) or exc))
         if is_http(self.uri):
             hint = (
                 "check that the MLflow server is running and reachable (e.g. `mlflow server "
