@@ -65,6 +65,26 @@ def mlflow_sqlite_server(tmp_path_factory):
         yield svc
 
 
+@pytest.fixture
+def aws_env(moto_server, monkeypatch, tmp_path):
+    """The standard AWS environment pointing at the moto server (and nothing from ~/.aws or
+    the caller's AWS variables), and a fresh fcpts cache; returns the moto server."""
+    for var in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FCPTS_CACHE", str(tmp_path / "cache"))
+    return moto_server
+
+
 MLFLOW_ARTIFACT_BUCKET = "fcpts-mlflow"
 
 

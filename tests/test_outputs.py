@@ -91,18 +91,6 @@ def test_local_output_refuses_a_file(tmp_path):
 
 
 @pytest.fixture
-def aws_env(moto_server, monkeypatch, tmp_path):
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for k, v in moto_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FCPTS_CACHE", str(tmp_path / "cache"))
-    return moto_server
-
-
-@pytest.fixture
 def bucket(aws_env):
     name = f"out-{uuid.uuid4().hex[:12]}"
     aws_env.client().create_bucket(Bucket=name)

@@ -18,20 +18,6 @@ from fcpts.storage import cache, s3
 
 
 @pytest.fixture
-def aws_env(moto_server, monkeypatch, tmp_path):
-    """The standard AWS environment pointing at the moto server, isolated from ~/.aws, and
-    a fresh fcpts cache."""
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for k, v in moto_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FCPTS_CACHE", str(tmp_path / "cache"))
-    return moto_server
-
-
-@pytest.fixture
 def bucket(aws_env):
     name = f"src-{uuid.uuid4().hex[:12]}"
     aws_env.client().create_bucket(Bucket=name)

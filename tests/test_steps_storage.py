@@ -28,19 +28,6 @@ from fcpts.storage.outputs import INDEX_NAME, fetch_output, read_index
 DIGITS = Sources(model="demo:digits-cnn")
 
 
-@pytest.fixture
-def aws_env(moto_server, monkeypatch, tmp_path):
-    """The moto server's AWS variables only, and a cache of this test's own."""
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for k, v in moto_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FCPTS_CACHE", str(tmp_path / "cache"))
-    return moto_server
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
