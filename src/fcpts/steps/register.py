@@ -18,6 +18,7 @@ registry the decision is recorded only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -225,31 +226,22 @@ def register(
     sparse = input_folder(sparse)
     manifest = read_manifest(sparse)
     decision = gate(data, manifest, tolerance)
+    run = None
     if tracking is None:
         fn, registry_name = load_registry(registry)
-        return _register(
-            data,
-            manifest,
-            decision,
-            sparse,
-            out_dir,
-            tolerance,
-            fn,
-            registry_name,
-            name,
-            start,
-            sparse_ref,
-        )
-    tracking = tracking.resolve(data, manifest)
-    run = tracking.open()
-    run.set_tags({TAG_STEP + "register": "running"})
-    if registry is None:
-        from ..tracking.registry import registry_hook
-
-        fn, registry_name = registry_hook(run.run_id, tracking_uri=tracking.uri), MLFLOW_REGISTRY
     else:
-        fn, registry_name = load_registry(registry)
-    with failure_recorded(tracking, "register", run):
+        tracking = tracking.resolve(data, manifest)
+        run = tracking.open()
+        run.set_tags({TAG_STEP + "register": "running"})
+        if registry is None:
+            from ..tracking.registry import registry_hook
+
+            fn = registry_hook(run.run_id, tracking_uri=tracking.uri)
+            registry_name = MLFLOW_REGISTRY
+        else:
+            fn, registry_name = load_registry(registry)
+    guard = contextlib.nullcontext() if run is None else failure_recorded(tracking, "register", run)
+    with guard:
         result = _register(
             data,
             manifest,
@@ -263,8 +255,9 @@ def register(
             start,
             sparse_ref,
         )
-    run.log_artifact(result.path, "registration")
-    finish_step(run, "register", result.record["step_seconds"])
+    if run is not None:
+        run.log_artifact(result.path, "registration")
+        finish_step(run, "register", result.record["step_seconds"])
     return result
 
 

@@ -97,12 +97,7 @@ def _describe(client: BaseClient, uri: str) -> tuple[str, str, str, list[tuple[s
         prefix = key
     listing = _listing(client, bucket, prefix, uri)
     if not listing:
-        if key and not key.endswith("/"):
-            raise UserError(
-                f"cannot download {uri}: no object has this key and no objects are under "
-                f"s3://{bucket}/{prefix}; check the key"
-            )
-        raise UserError(f"cannot download {uri}: no objects under this prefix; check the key")
+        raise s3.nothing_to_download(uri, bucket, key, prefix)
     name = posixpath.basename(prefix.rstrip("/")) or bucket
     return f"s3://{bucket}/{prefix}", name, "folder", listing
 

@@ -252,6 +252,16 @@ def _errors(client: BaseClient, uri: str, action: str) -> Iterator[None]:
         raise new from e
 
 
+def nothing_to_download(uri: str, bucket: str, key: str, prefix: str) -> UserError:
+    """The error for an S3 URI with neither an object at ``key`` nor objects under ``prefix``."""
+    if key and not key.endswith("/"):
+        return UserError(
+            f"cannot download {uri}: no object has this key and no objects are under "
+            f"s3://{bucket}/{prefix}; check the key"
+        )
+    return UserError(f"cannot download {uri}: no objects under this prefix; check the key")
+
+
 def _missing_object_error(client: BaseClient, bucket: str, key: str, action: str) -> UserError:
     """Missing bucket or missing key? (A HEAD 404 does not say which.)"""
     uri = _uri(bucket, key)
@@ -364,12 +374,7 @@ def download(
         if not k.endswith("/") and TMP_MARKER not in k
     ]
     if not keys:
-        if key and not key.endswith("/"):
-            raise UserError(
-                f"cannot download {uri}: no object has this key and no objects are under "
-                f"s3://{bucket}/{prefix}; check the key"
-            )
-        raise UserError(f"cannot download {uri}: no objects under this prefix; check the key")
+        raise nothing_to_download(uri, bucket, key, prefix)
 
     name = posixpath.basename(prefix.rstrip("/")) or bucket
     final = dest_dir / name
