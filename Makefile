@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # OpenMP threads that spin while waiting make torch many times slower on a busy machine
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+docs: $(STAMP)
+	$(PY) -m fcpts.docs README.md
+	$(PY) tests/bad_inputs.py --write docs/bad-inputs.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines

@@ -17,8 +17,8 @@ from .errors import FcptsError, UserError
 
 COMMAND = "sweep"
 DESCRIPTION = """\
-Search the fcpts settings lam, lr (threshold learning rate), weight_lr, iters and ste_width,
-and the score (magnitude or wanda), with Optuna for one model, target and data source. Each
+Search the fcpts settings that are declared with a search range (see --space) and the
+score (magnitude or wanda), with Optuna for one model, target and data source. Each
 trial allocates on the calibration split and is scored on the validation split (top-1 for
 classifiers, mean cosine to the dense embeddings for encoders, minus the relative output
 MSE otherwise; higher is better), disjoint from the calibration split and from the
@@ -60,6 +60,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     configure(p)
     return p
+
+
+def _space_defaults() -> str:
+    """The declared search ranges, as --space would write them."""
+    from .sweep.space import default_bounds
+
+    parts = []
+    for name, bounds in default_bounds().items():
+        if name == "score":
+            parts.append(f"score={','.join(bounds)}")
+        else:
+            parts.append(f"{name}={bounds[0]:g}:{bounds[1]:g}")
+    return " ".join(parts)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -134,10 +147,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="NAME=LO:HI",
-        help="search range, repeatable: lam, lr, weight_lr, ste_width (log scale), iters "
-        "(integers), score (comma list: magnitude,wanda); LO:LO fixes a setting "
-        "(defaults: lam=0.1:10 lr=0.005:0.2 weight_lr=1e-4:1e-2 iters=50:400 "
-        "ste_width=0.25:4 score=magnitude,wanda)",
+        help="search range, repeatable: floats on a log scale, integers uniformly, score a comma "
+        "list; LO:LO fixes a setting (defaults: " + _space_defaults() + ")",
     )
     g.add_argument(
         "--set",

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..bridge import BRIDGES, ScoreDistribution, bridged_sparsity
 from ..errors import UserError
+from ..settings import Opt, Search
 from ..tasks import relative_mse, to_device
 from .base import Allocator, Problem, Proposal
 from .erk import erk_sparsities
@@ -60,26 +62,97 @@ class FCPTS(Allocator):
 
     @dataclass(frozen=True)
     class Config:
-        iters: int = 200
-        lam: float = 1.0
-        lam_adapt: bool = True
-        tolerance: float = 0.002
-        constraint: str = "l1"
-        lr: float = 0.05
-        weight_lr: float = 2e-3
-        joint: bool = True
-        learn_thresholds: bool = True
-        ste: bool = True
-        ste_width: float = 1.0
-        init: str = "erk"
-        bridge: str = "kde"
-        kde_samples: int = 4096
-        blocks: tuple[str, ...] = ()
-        block_weight: float = 1.0
-        output_weight: float = 1.0
-        normalize: bool = True
-        schedule: str = "cosine"
-        seed: int = 0
+        iters: Annotated[
+            int,
+            Opt(
+                "optimisation iterations, one calibration batch each",
+                search=Search(50, 400),
+                metavar="N",
+            ),
+        ] = 200
+        lam: Annotated[
+            float,
+            Opt(
+                "weight of the sparsity constraint |S(t) - S*| against the normalised "
+                "reconstruction loss",
+                search=Search(0.1, 10.0),
+                metavar="X",
+            ),
+        ] = 1.0
+        lam_adapt: Annotated[
+            bool, Opt("grow lam by 5% per iteration while |S - S*| exceeds the tolerance")
+        ] = True
+        tolerance: Annotated[
+            float, Opt("allowed |S - S*| before lam grows", flag="lam-tolerance", metavar="X")
+        ] = 0.002
+        constraint: Annotated[
+            Literal["l1", "l2"], Opt("form of the sparsity constraint: |S - S*| or (S - S*)^2")
+        ] = "l1"
+        lr: Annotated[
+            float,
+            Opt("learning rate of the log-thresholds", search=Search(0.005, 0.2), metavar="X"),
+        ] = 0.05
+        weight_lr: Annotated[
+            float,
+            Opt(
+                "learning rate of the joint reconstruction of kept weights, biases and norms",
+                search=Search(1e-4, 1e-2),
+                metavar="X",
+            ),
+        ] = 2e-3
+        joint: Annotated[
+            bool,
+            Opt(
+                "reconstruct the kept weights, biases and norms jointly (--no-joint keeps the "
+                "kept weights bit-for-bit those of the dense model)"
+            ),
+        ] = True
+        learn_thresholds: Annotated[
+            bool, Opt("learn the per-layer thresholds (off: the initial allocation stays)")
+        ] = True
+        ste: Annotated[
+            bool,
+            Opt(
+                "let the reconstruction loss move the thresholds through a straight-through "
+                "estimator (off: only the constraint moves them, as the official code)"
+            ),
+        ] = True
+        ste_width: Annotated[
+            float,
+            Opt(
+                "width of the straight-through sigmoid, in KDE bandwidths",
+                search=Search(0.25, 4.0),
+                metavar="X",
+            ),
+        ] = 1.0
+        init: Annotated[Literal["erk", "uniform"], Opt("initial allocation of the thresholds")] = (
+            "erk"
+        )
+        bridge: Annotated[
+            Literal["kde", "hist"],
+            Opt("density estimate of the bridge: Gaussian KDE, or a 100-bin histogram"),
+        ] = "kde"
+        kde_samples: Annotated[
+            int, Opt("scores per layer the KDE is estimated on", metavar="N")
+        ] = 4096
+        blocks: Annotated[
+            tuple[str, ...],
+            Opt(
+                "module-name patterns whose outputs are also reconstructed (block MSE)",
+                metavar="PATTERN",
+            ),
+        ] = ()
+        block_weight: Annotated[
+            float, Opt("weight of the block-output reconstruction loss", metavar="X")
+        ] = 1.0
+        output_weight: Annotated[
+            float, Opt("weight of the final-output reconstruction loss", metavar="X")
+        ] = 1.0
+        normalize: Annotated[bool, Opt("divide the reconstruction loss by its first value")] = True
+        schedule: Annotated[
+            Literal["constant", "cosine"], Opt("learning-rate schedule of both learning rates")
+        ] = "cosine"
+        seed: Annotated[int, Opt("seed of the learned method", cli=False, kfp=False)] = 0
 
         def __post_init__(self) -> None:
             def need(ok: bool, msg: str) -> None:

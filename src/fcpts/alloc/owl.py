@@ -9,8 +9,10 @@ are clipped, and landing redistributes what clipping moved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from ..errors import UserError
+from ..settings import Opt
 from .base import Allocator, Problem, Proposal
 
 
@@ -19,8 +21,17 @@ class OWL(Allocator):
 
     @dataclass(frozen=True)
     class Config:
-        m: float = 5.0
-        lam: float = 0.08
+        m: Annotated[
+            float,
+            Opt(
+                "outlier factor: a score above m x the layer's mean score is an outlier",
+                flag="owl-m",
+            ),
+        ] = 5.0
+        lam: Annotated[
+            float,
+            Opt("half-width of the sparsity spread around the target", flag="owl-lam"),
+        ] = 0.08
 
         def __post_init__(self) -> None:
             if self.m <= 0:

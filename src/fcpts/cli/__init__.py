@@ -21,7 +21,6 @@ from .common import (  # noqa: F401  (re-exported: the CLI's names before it bec
     DEFAULT_TOLERANCE,
     PIPELINE_STEPS,
     PROG,
-    RUN_DEFAULT_ITERS,
     RUN_DEFAULT_TARGET,
     _Formatter,
     _one_line,

@@ -12,13 +12,10 @@ from ..errors import UserError
 
 PROG = "fcpts"
 RUN_DEFAULT_TARGET = 0.5
-RUN_DEFAULT_ITERS = 200
-LIBRARY_ITERS = 200  # fcpts.alloc.fcpts.FCPTS.Config.iters
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_ROOT = "runs"
 DEFAULT_PIPELINE_FILE = "sparsify_pipeline.yaml"
 PIPELINE_STEPS = ("calibrate", "allocate", "evaluate", "register")
-METHODS_HELP = "uniform, global, erk, owl, fcpts"
 
 MODEL_HELP = (
     "model source: demo:minilm, demo:digits-cnn, a Hugging Face / sentence-transformers folder, "
@@ -91,24 +88,20 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def allocator_settings(
-    args: argparse.Namespace, default_iters: int | None = None
-) -> dict[str, Any]:
+def allocator_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen method's settings: the config file's ``settings`` mapping, then ``--set``
+    items, then the settings' own flags (:mod:`fcpts.cli.derive`), each overriding the one
+    before."""
+    from .derive import given_allocator_settings
+
+    method = _get(args, "method", "fcpts")
     settings = dict(getattr(args, "settings", None) or {})
     for item in getattr(args, "settings_flags", None) or []:
         key, eq, value = str(item).partition("=")
         if not eq or not key.strip():
             raise UserError(f"--set takes KEY=VALUE (e.g. --set schedule=cosine), got {item!r}")
         settings[key.strip()] = _parse_value(value.strip())
-    if getattr(args, "iters", None) is not None:
-        settings["iters"] = args.iters
-    if getattr(args, "lam", None) is not None:
-        settings["lam"] = args.lam
-    if getattr(args, "joint", None) is not None:
-        settings["joint"] = args.joint
-    method = _get(args, "method", "fcpts")
-    if default_iters is not None and method == "fcpts":
-        settings.setdefault("iters", default_iters)
+    settings.update(given_allocator_settings(args, method))
     return settings
 
 

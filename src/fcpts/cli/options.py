@@ -8,10 +8,9 @@ from ..tracking.names import DEFAULT_EXPERIMENT
 from .common import (
     DATA_HELP,
     DEFAULT_TOLERANCE,
-    METHODS_HELP,
     MODEL_HELP,
-    RUN_DEFAULT_ITERS,
 )
+from .derive import add_allocator_settings, methods_help
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -180,31 +179,7 @@ def _add_allocator(p: argparse.ArgumentParser, target_default: float | None) -> 
         "--method",
         default=None,
         metavar="NAME",
-        help=f"allocation method: {METHODS_HELP} (default: fcpts, the learned allocation)",
-    )
-    g.add_argument(
-        "--iters",
-        type=int,
-        default=None,
-        metavar="N",
-        help="fcpts: optimisation iterations, one calibration batch each (library default: 200"
-        + (f"; `run` default: {RUN_DEFAULT_ITERS}" if target_default is not None else "")
-        + ")",
-    )
-    g.add_argument(
-        "--lam",
-        type=float,
-        default=None,
-        metavar="X",
-        help="fcpts: weight of the sparsity constraint |S(t) - S*| (library default: 1.0)",
-    )
-    g.add_argument(
-        "--no-joint",
-        dest="joint",
-        action="store_false",
-        default=None,
-        help="fcpts: turn off joint reconstruction of the kept weights, biases and norms "
-        "(the kept weights stay bit-for-bit those of the dense model)",
+        help=f"allocation method: {methods_help()} (default: fcpts, the learned allocation)",
     )
     g.add_argument(
         "--set",
@@ -212,8 +187,9 @@ def _add_allocator(p: argparse.ArgumentParser, target_default: float | None) -> 
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="any other allocator setting, e.g. --set schedule=cosine --set weight_lr=2e-4 "
-        "(config file: a 'settings' mapping)",
+        help="an allocator setting by its name, e.g. --set schedule=cosine (every setting also "
+        "has its own flag, listed under the method's settings below; config file: a 'settings' "
+        "mapping or the flag names)",
     )
     g.add_argument(
         "--recalibrate-bn",
@@ -221,6 +197,7 @@ def _add_allocator(p: argparse.ArgumentParser, target_default: float | None) -> 
         default=None,
         help="re-estimate BatchNorm statistics of the sparse model on the calibration data",
     )
+    add_allocator_settings(p)
 
 
 def _add_evaluation(p: argparse.ArgumentParser, samples_alias: bool) -> None:

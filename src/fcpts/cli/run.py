@@ -19,7 +19,6 @@ from .common import (
     DEFAULT_TOLERANCE,
     PIPELINE_STEPS,
     PROG,
-    RUN_DEFAULT_ITERS,
     RUN_DEFAULT_TARGET,
     _check_allocation_options,
     _check_positive,
@@ -141,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     command_start = time.perf_counter()
     args.model = args.model or "demo:minilm"
     args.target = RUN_DEFAULT_TARGET if args.target is None else args.target
-    settings = allocator_settings(args, default_iters=RUN_DEFAULT_ITERS)
+    settings = allocator_settings(args)
     _preflight(args, settings)
     tracking = _tracking(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -263,13 +262,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"step wall times are measured by `{PROG} run` from each step's start to its end "
         "(a fresh Python process: imports, model loading and the work); total is the whole pipeline",
     ]
-    if arguments["method"] == "fcpts":
-        lib_iters = 200
-        used = settings.get("iters", lib_iters)
-        if used != lib_iters:
-            notes.append(
-                f"fcpts ran {used} iterations, not the library default {lib_iters}, to keep `run` short"
-            )
     print(
         report.summary(
             manifest=manifest, metrics=metrics, decision=decision, timings=timings, notes=notes

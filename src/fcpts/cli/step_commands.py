@@ -10,7 +10,6 @@ from ..errors import UserError
 from ..storage import is_s3_uri
 from .common import (
     DEFAULT_TOLERANCE,
-    METHODS_HELP,
     _check_allocation_options,
     _check_positive,
     _Formatter,
@@ -22,6 +21,7 @@ from .common import (
     selection_overrides,
     tracking_from_args,
 )
+from .derive import methods_help
 from .options import (
     _add_allocator,
     _add_calibration,
@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
         formatter_class=_Formatter,
         help="allocate the target sparsity and save the sparse model",
         description="Allocate the global target sparsity over the prunable layers with a method from "
-        f"the registry ({METHODS_HELP}) and write DIR/model.safetensors (the whole state_dict under "
+        f"the registry ({methods_help()}) and write DIR/model.safetensors (the whole state_dict under "
         "the model's own parameter names) and DIR/manifest.json (target, achieved_sparsity, zeros, "
         "prunable, method, score, per-layer figures). Give a --calibration folder, or --model (and "
         "--data) to calibrate on the fly.",

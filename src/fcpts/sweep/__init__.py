@@ -1,8 +1,8 @@
 """Hyperparameter sweeps of the fcpts allocator with Optuna.
 
-One study searches the fcpts settings ``lam``, ``lr`` (threshold learning rate),
-``weight_lr``, ``iters`` and ``ste_width`` and the importance score (magnitude or wanda)
-for one model, one target and one data source. The objective is the task metric of the
+One study searches the fcpts settings declared with a search range (``fcpts.alloc.fcpts``,
+see :func:`fcpts.sweep.space.searched_settings`) and the importance score (magnitude or
+wanda) for one model, one target and one data source. The objective is the task metric of the
 sparse model on the **validation** split (top-1 for classifiers, mean cosine to the dense
 embeddings for encoders, minus the relative output MSE for anything else: higher is
 better), disjoint from the calibration split the allocator learns on and from the
@@ -77,7 +77,7 @@ from .objective import Context, Objective, constraint_of, is_feasible, landing_g
 from .plot import plot_study
 from .results import allocate_config, best_settings, finish_sweep, load_best
 from .run import SweepResult, run_sweep, trial_shares
-from .space import SCORES, SWEPT, SearchSpace, SweepSpec, default_study_name
+from .space import SCORES, SearchSpace, SweepSpec, default_study_name, swept
 from .storage import RDB_SCHEMES, open_storage, redact_url, shared_storage, storage_url
 from .worker import Prepared, load_spec, prepare_study, run_worker, torch_threads
 
@@ -100,7 +100,7 @@ __all__ = [
     "RDB_SCHEMES",
     "SCORES",
     "STUDY_DB",
-    "SWEPT",
+    "swept",
     "TRIALS_FILE",
     "Context",
     "FcptsError",

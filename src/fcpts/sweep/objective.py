@@ -239,7 +239,7 @@ class Objective:
         settings = {**spec.settings, **swept, "seed": int(spec.seed)}
         baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
         last = int(swept["iters"])
-        marks = checkpoints(last, self.space.iters[0], int(spec.report_every))
+        marks = checkpoints(last, self.space.range("iters")[0], int(spec.report_every))
         window: list[float] = []
 
         def callback(iteration: int, record: Mapping[str, float]) -> None:

@@ -28,7 +28,7 @@ from .common import (
 from .mlflow_log import Tracker
 from .objective import constraint_of, is_feasible, select_best
 from .plot import plot_study
-from .space import SWEPT, SweepSpec
+from .space import SweepSpec, swept
 from .storage import first_line, load_sweep_study, open_storage, redact_url
 
 
@@ -70,7 +70,7 @@ def _settings_of(t: Any, spec: SweepSpec) -> dict[str, Any]:
     if settings is None:  # trials made before this attribute existed
         settings = {
             **spec.settings,
-            **{k: t.params[k] for k in SWEPT if k in t.params},
+            **{k: t.params[k] for k in swept() if k in t.params},
             "seed": spec.seed,
         }
     return dict(settings)

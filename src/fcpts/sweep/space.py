@@ -12,9 +12,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
+from ..settings import Declared, declared
 
-SWEPT = ("lam", "lr", "weight_lr", "iters", "ste_width")
 SCORES = ("magnitude", "wanda")
+
+
+def searched_settings() -> dict[str, Declared]:
+    """The fcpts settings whose declaration carries a search range (:mod:`fcpts.settings`):
+    what a sweep searches, besides the score."""
+    from ..alloc.fcpts import FCPTS
+
+    return {s.name: s for s in declared(FCPTS.Config) if s.opt.search is not None}
+
+
+def swept() -> tuple[str, ...]:
+    """The names of the searched fcpts settings, in declaration order."""
+    return tuple(searched_settings())
+
+
+def default_bounds() -> dict[str, tuple[Any, ...]]:
+    """Each searched setting's declared range, and the scores."""
+    bounds: dict[str, tuple[Any, ...]] = {
+        name: (s.opt.search.low, s.opt.search.high) for name, s in searched_settings().items()
+    }
+    bounds["score"] = SCORES
+    return bounds
 
 
 def _pair(value: Any, name: str, cast: Callable[[Any], Any]) -> tuple[Any, Any]:
@@ -32,41 +54,40 @@ def _pair(value: Any, name: str, cast: Callable[[Any], Any]) -> tuple[Any, Any]:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The ranges searched (floats on a log scale, ``iters`` uniform integers). A range
-    with ``lo == hi`` fixes that setting; ``score`` lists the scores tried."""
+    """The ranges searched: each fcpts setting declared with a search range (floats on a
+    log scale, integers uniformly), plus ``score``, the scores tried. A range with
+    ``lo == hi`` fixes that setting."""
 
-    lam: tuple[float, float] = (0.1, 10.0)
-    lr: tuple[float, float] = (0.005, 0.2)
-    weight_lr: tuple[float, float] = (1e-4, 1e-2)
-    iters: tuple[int, int] = (50, 400)
-    ste_width: tuple[float, float] = (0.25, 4.0)
-    score: tuple[str, ...] = SCORES
+    bounds: Mapping[str, Any] = field(default_factory=default_bounds)
 
     def __post_init__(self) -> None:
-        for name in ("lam", "lr", "weight_lr", "ste_width"):
-            lo, hi = _pair(getattr(self, name), name, float)
-            if not (0 < lo <= hi) or not math.isfinite(hi):
+        declared_ranges = searched_settings()
+        checked: dict[str, tuple[Any, ...]] = {}
+        for name, value in {**default_bounds(), **dict(self.bounds)}.items():
+            if name == "score":
+                checked[name] = _scores(value)
+                continue
+            if name not in declared_ranges:
                 raise UserError(
-                    f"search range of {name} must be 0 < LO <= HI (log scale), got {lo}:{hi}"
+                    f"cannot search {name!r}: the sweep searches {', '.join([*declared_ranges, 'score'])}"
                 )
-            object.__setattr__(self, name, (lo, hi))
-        lo, hi = _pair(self.iters, "iters", _as_int)
-        if not 1 <= lo <= hi:
-            raise UserError(f"search range of iters must be 1 <= LO <= HI, got {lo}:{hi}")
-        object.__setattr__(self, "iters", (lo, hi))
-        scores = self.score.split(",") if isinstance(self.score, str) else self.score
-        scores = tuple(dict.fromkeys(str(s).strip() for s in scores if str(s).strip()))
-        bad = [s for s in scores if s not in SCORES]
-        if bad or not scores:
-            raise UserError(
-                f"scores to search must be among {', '.join(SCORES)}, got {','.join(scores) or 'none'}"
-            )
-        object.__setattr__(self, "score", scores)
+            if declared_ranges[name].type is int:
+                lo, hi = _pair(value, name, _as_int)
+                if not 1 <= lo <= hi:
+                    raise UserError(f"search range of {name} must be 1 <= LO <= HI, got {lo}:{hi}")
+            else:
+                lo, hi = _pair(value, name, float)
+                if not (0 < lo <= hi) or not math.isfinite(hi):
+                    raise UserError(
+                        f"search range of {name} must be 0 < LO <= HI (log scale), got {lo}:{hi}"
+                    )
+            checked[name] = (lo, hi)
+        object.__setattr__(self, "bounds", checked)
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any] | Sequence[str] | None) -> SearchSpace:
         """A space from ``{"lam": "0.5:2", "score": "wanda"}`` or ``["lam=0.5:2", ...]``;
-        names left out keep their default range."""
+        names left out keep their declared range."""
         if not overrides:
             return cls()
         if not isinstance(overrides, Mapping):
@@ -79,47 +100,54 @@ class SearchSpace:
                     )
                 items[key.strip().replace("-", "_")] = value.strip()
             overrides = items
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise UserError(f"cannot search {unknown[0]!r}: the sweep searches {', '.join(known)}")
-        return cls(**dict(overrides))
+        return cls(dict(overrides))
+
+    def range(self, name: str) -> tuple[Any, ...]:
+        return self.bounds[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: list(value) for name, value in self.bounds.items()}
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], str]:
         """The fcpts settings and the score that ``trial`` tries."""
-        settings = {
-            "lam": trial.suggest_float("lam", *self.lam, log=True),
-            "lr": trial.suggest_float("lr", *self.lr, log=True),
-            "weight_lr": trial.suggest_float("weight_lr", *self.weight_lr, log=True),
-            "iters": trial.suggest_int("iters", *self.iters),
-            "ste_width": trial.suggest_float("ste_width", *self.ste_width, log=True),
-        }
-        score = trial.suggest_categorical("score", list(self.score))
+        settings: dict[str, Any] = {}
+        for name, setting in searched_settings().items():
+            lo, hi = self.bounds[name]
+            if setting.type is int:
+                settings[name] = trial.suggest_int(name, lo, hi)
+            else:
+                settings[name] = trial.suggest_float(name, lo, hi, log=setting.opt.search.log)
+        score = trial.suggest_categorical("score", list(self.bounds["score"]))
         return settings, score
 
     def baseline(self) -> tuple[dict[str, Any], list[str]]:
-        """The library defaults as trial params, each clipped into the searched range, and
+        """The declared defaults as trial params, each clipped into the searched range, and
         the names that had to be clipped."""
-        from ..alloc.fcpts import FCPTS
-
-        defaults = FCPTS.Config()
         params: dict[str, Any] = {}
         clipped = []
-        for name in SWEPT:
-            lo, hi = getattr(self, name)
-            value = getattr(defaults, name)
-            inside = min(hi, max(lo, value))
-            if inside != value:
+        for name, setting in searched_settings().items():
+            lo, hi = self.bounds[name]
+            inside = min(hi, max(lo, setting.default))
+            if inside != setting.default:
                 clipped.append(name)
             params[name] = inside
-        score = "wanda" if "wanda" in self.score else self.score[0]
+        scores = self.bounds["score"]
+        score = "wanda" if "wanda" in scores else scores[0]
         if score != "wanda":
             clipped.append("score")
         params["score"] = score
         return params, clipped
+
+
+def _scores(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    scores = tuple(dict.fromkeys(str(s).strip() for s in items if str(s).strip()))
+    bad = [s for s in scores if s not in SCORES]
+    if bad or not scores:
+        raise UserError(
+            f"scores to search must be among {', '.join(SCORES)}, got {','.join(scores) or 'none'}"
+        )
+    return scores
 
 
 def _as_int(value: Any) -> int:
@@ -159,7 +187,7 @@ class SweepSpec:
         object.__setattr__(self, "target", float(check_target(self.target)))
         if not isinstance(self.model, str) or not self.model.strip():
             raise UserError("no model source given: pass --model (e.g. demo:digits-cnn)")
-        clash = sorted(set(self.settings) & set(SWEPT))
+        clash = sorted(set(self.settings) & set(swept()))
         if clash:
             raise UserError(
                 f"setting {clash[0]!r} is searched by the sweep: fix it with --space "

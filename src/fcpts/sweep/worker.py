@@ -26,7 +26,7 @@ from .common import (
 )
 from .mlflow_log import Tracker
 from .objective import Context, Objective, constraints_func, load_context, supports_set_constraint
-from .space import SWEPT, SweepSpec, default_study_name
+from .space import SweepSpec, default_study_name, swept
 from .storage import load_sweep_study, open_storage, redact_url
 
 
@@ -67,7 +67,7 @@ def prepare_study(
     study_name = study_name or default_study_name(spec.model, spec.target)
     base_params, clipped = spec.search_space.baseline()
     # unknown or invalid fixed settings fail here, not in every trial
-    get_allocator("fcpts", **spec.settings, **{k: base_params[k] for k in SWEPT})
+    get_allocator("fcpts", **spec.settings, **{k: base_params[k] for k in swept()})
     rdb = open_storage(storage, heartbeat_interval, grace_period)
     with quiet_optuna():
         try:

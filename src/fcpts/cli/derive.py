@@ -1,0 +1,90 @@
+"""Command-line options derived from declared settings (:mod:`fcpts.settings`).
+
+Every setting of every allocation method gets a flag (``--weight-lr``, ``--owl-m``, ...)
+from its declaration: type, choices, help text and default come from the ``Config``
+dataclass of the method, so a new setting appears here, in ``--config`` files, in the
+sweep's search space, in MLflow's params and in the README without being retyped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import UserError
+from ..settings import Declared
+
+
+def argparse_kwargs(setting: Declared, help_suffix: str = "") -> dict[str, Any]:
+    """The ``add_argument`` keywords of one declared setting (default None: "not given")."""
+    help_text = " ".join(setting.opt.help.split())
+    kwargs: dict[str, Any] = {
+        "dest": setting.dest,
+        "default": None,
+        # argparse %-formats help strings
+        "help": f"{help_text} ({help_suffix}default: {setting.default_text()})".replace("%", "%%"),
+    }
+    if setting.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif setting.type is tuple:
+        kwargs["action"] = "append"
+        kwargs["metavar"] = setting.opt.metavar or "VALUE"
+    else:
+        kwargs["type"] = setting.type
+        kwargs["metavar"] = setting.opt.metavar or setting.type.__name__.upper()
+        if setting.opt.choices:
+            kwargs["choices"] = setting.opt.choices
+            kwargs.pop("metavar")
+    return kwargs
+
+
+def method_settings() -> list[tuple[str, Declared]]:
+    """:func:`fcpts.alloc.declared.method_settings`, imported when the parser is built
+    (it imports torch, which must not load with ``fcpts.cli``: see ``main``)."""
+    from ..alloc.declared import method_settings as declared_settings
+
+    return declared_settings()
+
+
+def add_allocator_settings(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method holding a flag for each of its settings."""
+    by_method: dict[str, list[Declared]] = {}
+    for method, setting in method_settings():
+        by_method.setdefault(method, []).append(setting)
+    for method, settings in by_method.items():
+        g = parser.add_argument_group(
+            f"{method} method settings", f"used with --method {method}; config key: the flag name"
+        )
+        for setting in settings:
+            g.add_argument(setting.flag, **argparse_kwargs(setting))
+
+
+def given_allocator_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The settings of ``method`` given as flags (or config keys); a flag of another
+    method is a UserError naming the method it belongs to."""
+    out: dict[str, Any] = {}
+    for owner, setting in method_settings():
+        value = getattr(args, setting.dest, None)
+        if value is None:
+            continue
+        if owner != method:
+            if any(o == method and s.dest == setting.dest for o, s in method_settings()):
+                continue  # the same flag belongs to the chosen method too
+            raise UserError(
+                f"{setting.flag} is a setting of --method {owner}, not of {method}: "
+                f"drop it or use --method {owner}"
+            )
+        out[setting.name] = tuple(value) if setting.type is tuple else value
+    return out
+
+
+def methods_help() -> str:
+    """The registered methods, for help texts."""
+    from ..alloc import Allocator
+
+    return ", ".join(sorted(Allocator.registry))
+
+
+def flags_of(settings: Iterable[Declared]) -> list[str]:
+    return [s.flag for s in settings]
