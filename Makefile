@@ -32,6 +32,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m fcpts.docs README.md
+	$(PY) -m components.build
 	$(PY) tests/bad_inputs.py --write docs/bad-inputs.md
 
 lint: $(STAMP)

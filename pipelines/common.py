@@ -1,5 +1,7 @@
 """What the sparsify and sweep pipelines share: per-step resources, retries and caching,
-the tracking arguments every step takes, and the evaluate -> register-if-approved tail.
+the step chain calibrate -> allocate -> evaluate -> register-if-approved (:func:`chain`),
+and pipeline functions whose parameters are derived from the components' declared
+options (:func:`pipeline`), so no parameter list is typed twice.
 
 Tracking: every step gets ``tracking_uri`` (empty: no tracking), ``experiment`` and
 ``pipeline_run_id``, plus ``kfp_run_id`` = the KFP run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``,
@@ -13,10 +15,20 @@ repeat and the cache works (kfp.local keys it on the unresolved placeholder).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 from kfp import dsl
 
+from components.allocate.component import allocate
+from components.build import STEPS, kfp_default, kfp_type, parameters
+from components.calibrate.component import calibrate
 from components.evaluate.component import evaluate
 from components.register.component import register
+
+COMPONENTS = {"calibrate": calibrate, "allocate": allocate, "evaluate": evaluate}
+KFP_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
 # (cpu request, cpu limit, memory request, memory limit, retries, caching)
 STEP_RESOURCES = {
@@ -60,35 +72,67 @@ def configure(task, step: str, retries: bool, resources: dict | None = None):
     return task
 
 
-def tracking_args(tracking_uri, experiment, pipeline_run_id) -> dict:
-    """The tracking inputs of a step (pipeline parameters plus the KFP run's id)."""
-    return {
-        "tracking_uri": tracking_uri,
-        "experiment": experiment,
-        "pipeline_run_id": pipeline_run_id,
-        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    }
+def pipeline_parameters(
+    steps: Sequence[str], defaults: Mapping[str, Any] | None = None, skip: Sequence[str] = ()
+) -> list[inspect.Parameter]:
+    """The union of the steps' declared parameters, each once, in step order, with their
+    KFP types and defaults (``defaults`` overrides some, e.g. a demo model; ``skip`` leaves
+    out those the pipeline sets itself)."""
+    seen: dict[str, inspect.Parameter] = {}
+    for step in steps:
+        for setting in parameters(STEPS[step]):
+            if setting.dest in seen or setting.dest in skip:
+                continue
+            default = (defaults or {}).get(setting.dest, kfp_default(setting))
+            seen[setting.dest] = inspect.Parameter(
+                setting.dest,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=inspect.Parameter.empty if default is None else default,
+                annotation=KFP_TYPES[kfp_type(setting)],
+            )
+    return list(seen.values())
 
 
-def evaluate_and_register(
-    *,
-    model,
-    sparse_model,
-    data,
-    weights,
-    task,
-    evaluation_samples,
-    eval_batch_size,
-    tolerance,
-    registry,
-    name,
-    image_size,
-    image_mode,
-    device,
-    tracking: dict,
-    retries: bool,
+def pipeline(
+    name: str,
+    description: str,
+    params: list[inspect.Parameter],
+    body: Callable[[dict[str, Any]], Any],
+    returns: Any,
 ):
-    """evaluate, then register under ``dsl.If`` on the gate; returns the evaluate task.
+    """A ``dsl.pipeline`` whose signature is ``params`` (KFP calls it with one channel per
+    parameter, in order) and whose body gets them as a dict."""
+    ordered = sorted(params, key=lambda p: p.default is not inspect.Parameter.empty)
+
+    def func(*channels):
+        return body(dict(zip([p.name for p in ordered], channels, strict=True)))
+
+    func.__name__ = func.__qualname__ = name.replace("-", "_")
+    func.__signature__ = inspect.Signature(ordered, return_annotation=returns)
+    func.__annotations__ = {p.name: p.annotation for p in ordered} | {"return": returns}
+    return dsl.pipeline(name=name, description=description)(func)
+
+
+def step_arguments(
+    step: str, params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The pipeline parameters a step's component takes, by name, plus the KFP run's id
+    (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, resolved by a cluster and by kfp.local alike);
+    ``overrides`` replaces some (a task output, say)."""
+    args = {s.dest: params[s.dest] for s in parameters(STEPS[step]) if s.dest in params}
+    args["kfp_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    args.update(overrides or {})
+    return args
+
+
+def chain(
+    params: Mapping[str, Any],
+    retries: bool,
+    resources: dict | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+):
+    """calibrate -> allocate -> evaluate, then register under ``dsl.If`` on the gate;
+    returns the calibrate, allocate and evaluate tasks.
 
     kfp.local 2.17 (SubprocessRunner) runs ``dsl.If`` itself, but its condition evaluator
     only resolves a task output named ``Output`` (the channel ``<task>-Output``): a named
@@ -97,29 +141,22 @@ def evaluate_and_register(
     gate is evaluate's return value, ``evaluate.outputs["Output"]``, which both the local
     runner and a cluster resolve.
     """
-    ev = evaluate(
-        model=model,
-        sparse_model=sparse_model,
-        data=data,
-        weights=weights,
-        task=task,
-        samples=evaluation_samples,
-        batch_size=eval_batch_size,
-        tolerance=tolerance,
-        image_size=image_size,
-        image_mode=image_mode,
-        device=device,
-        **tracking,
+    overrides = overrides or {}
+    cal = calibrate(**step_arguments("calibrate", params, overrides.get("calibrate")))
+    configure(cal, "calibrate", retries, resources)
+    alloc = allocate(
+        calibration=cal.outputs["calibration"],
+        **step_arguments("allocate", params, overrides.get("allocate")),
     )
-    configure(ev, "evaluate", retries)
+    configure(alloc, "allocate", retries, resources)
+    sparse = alloc.outputs["sparse_model"]
+    ev = evaluate(sparse_model=sparse, **step_arguments("evaluate", params))
+    configure(ev, "evaluate", retries, resources)
     with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition, not a Python comparison)
         reg = register(
-            sparse_model=sparse_model,
+            sparse_model=sparse,
             metrics=ev.outputs["metrics"],
-            tolerance=tolerance,
-            registry=registry,
-            name=name,
-            **tracking,
+            **step_arguments("register", params),
         )
-        configure(reg, "register", retries)
-    return ev
+        configure(reg, "register", retries, resources)
+    return cal, alloc, ev

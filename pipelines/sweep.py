@@ -27,17 +27,21 @@ the final calibrate -> allocate -> evaluate -> register (in ``experiment``, unde
 ``pipeline_run_id`` or the KFP run's id, as in the sparsify pipeline).
 """
 
-from typing import NamedTuple
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Model
 
-from components.allocate.component import allocate
-from components.calibrate.component import calibrate
 from components.sweep.component import sweep_best, sweep_prepare, sweep_worker
-from pipelines.common import STEP_RESOURCES, configure, evaluate_and_register, tracking_args
+from fcpts.settings import Opt, declared
+from pipelines.common import KFP_TYPES, STEP_RESOURCES, chain, configure, pipeline
+from pipelines.common import pipeline_parameters as step_parameters
 
 PIPELINE_NAME = "fcpts-sweep"
+STEPS = ("calibrate", "allocate", "evaluate", "register")
+DEFAULTS = {"model": "demo:minilm"}
 
 # (cpu request, cpu limit, memory request, memory limit, retries, caching)
 RESOURCES = {
@@ -48,6 +52,25 @@ RESOURCES = {
 }
 
 
+@dataclass(frozen=True)
+class SweepParameters:
+    """The sweep pipeline's own parameters (the rest are the steps')."""
+
+    storage: Annotated[
+        str, Opt("the study's SQLAlchemy URL (empty: FCPTS_OPTUNA_STORAGE from the secret)")
+    ] = ""
+    study: Annotated[str, Opt("study name; the same storage and name resume it")] = "fcpts-sweep"
+    trials: Annotated[int, Opt("trials to run, shared by the workers")] = 20
+    workers: Annotated[int, Opt("parallel worker pods")] = 2
+    space: Annotated[
+        str, Opt('search ranges as a JSON object, e.g. {"iters": "50:200"} (empty: declared)')
+    ] = ""
+    validation_samples: Annotated[int, Opt("validation samples each trial is scored on")] = 0
+    report_every: Annotated[int, Opt("pruner checkpoint spacing, in iterations")] = 20
+    threads: Annotated[int, Opt("torch threads per worker (0: the pod's cores)")] = 0
+    grace: Annotated[int, Opt("seconds without heartbeat before a trial is re-queued")] = 60
+
+
 class Outputs(NamedTuple):
     sweep: Artifact
     calibration: Dataset
@@ -55,131 +78,45 @@ class Outputs(NamedTuple):
     evaluation: Artifact
 
 
-def build(retries: bool = True):
-    """The pipeline function; ``retries=False`` drops the retry policies (local runs)."""
-
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="fcpts sweep: parallel Optuna workers share one study of the fcpts "
-        "settings; the best feasible settings are allocated, evaluated and gated.",
-    )
-    def sweep(
-        storage: str = "",
-        model: str = "demo:minilm",
-        study: str = "fcpts-sweep",
-        target: float = 0.5,
-        trials: int = 20,
-        workers: int = 2,
-        data: str = "",
-        weights: str = "",
-        task: str = "auto",
-        space: str = "",
-        settings: str = "{}",
-        selection: str = "",
-        calibration_samples: int = 0,
-        batch_size: int = 0,
-        validation_samples: int = 0,
-        eval_batch_size: int = 0,
-        evaluation_samples: int = 0,
-        report_every: int = 20,
-        seed: int = 0,
-        tolerance: float = 0.05,
-        registry: str = "",
-        name: str = "",
-        image_size: int = 0,
-        image_mode: str = "RGB",
-        tracking_uri: str = "",
-        device: str = "auto",
-        threads: int = 0,
-        grace: int = 60,
-        experiment: str = "fcpts",
-        pipeline_run_id: str = "",
-    ) -> Outputs:
-        tracking = tracking_args(tracking_uri, experiment, pipeline_run_id)
-        prep = sweep_prepare(
-            model=model,
-            storage=storage,
-            study=study,
-            target=target,
-            workers=workers,
-            data=data,
-            weights=weights,
-            task=task,
-            space=space,
-            settings=settings,
-            selection=selection,
-            calibration_samples=calibration_samples,
-            batch_size=batch_size,
-            validation_samples=validation_samples,
-            eval_batch_size=eval_batch_size,
-            report_every=report_every,
-            seed=seed,
-            image_size=image_size,
-            image_mode=image_mode,
-            tracking_uri=tracking_uri,
-            device=device,
-            grace=grace,
+def parameters() -> list[inspect.Parameter]:
+    own = [
+        inspect.Parameter(
+            s.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=s.default,
+            annotation=KFP_TYPES[{bool: "bool", int: "int", float: "float"}.get(s.type, "str")],
         )
+        for s in declared(SweepParameters)
+    ]
+    # the best trial's score and the fcpts method are not parameters of this pipeline
+    return own + step_parameters(STEPS, DEFAULTS, skip=("score", "method"))
+
+
+def given(component, params: dict) -> dict:
+    """The pipeline parameters a sweep component takes, by its own input names."""
+    return {k: params[k] for k in component.component_spec.inputs if k in params}
+
+
+def build(retries: bool = True):
+    """The pipeline; ``retries=False`` drops the retry policies (local runs)."""
+
+    def body(p):
+        prep = sweep_prepare(**given(sweep_prepare, p))
         configure(prep, "sweep-prepare", retries, RESOURCES)
         with dsl.ParallelFor(prep.output, name="workers") as worker:
-            work = sweep_worker(
-                storage=storage,
-                study=study,
-                worker=worker,
-                workers=workers,
-                trials=trials,
-                tracking_uri=tracking_uri,
-                device=device,
-                threads=threads,
-                grace=grace,
-            )
+            work = sweep_worker(worker=worker, **given(sweep_worker, p))
             configure(work, "sweep-worker", retries, RESOURCES)
-        best = sweep_best(storage=storage, study=study, tracking_uri=tracking_uri).after(work)
+        best = sweep_best(**given(sweep_best, p)).after(work)
         configure(best, "sweep-best", retries, RESOURCES)
-        cal = calibrate(
-            model=model,
-            data=data,
-            weights=weights,
-            task=task,
-            score=best.outputs["score"],
-            samples=calibration_samples,
-            batch_size=batch_size,
-            seed=seed,
-            selection=selection,
-            image_size=image_size,
-            image_mode=image_mode,
-            device=device,
-            **tracking,
-        )
-        configure(cal, "calibrate", retries, RESOURCES)
-        alloc = allocate(
-            calibration=cal.outputs["calibration"],
-            target=target,
-            method="fcpts",
-            score=best.outputs["score"],
-            settings=best.outputs["settings"],
-            selection=selection,
-            seed=seed,
-            device=device,
-            **tracking,
-        )
-        configure(alloc, "allocate", retries, RESOURCES)
-        ev = evaluate_and_register(
-            model=model,
-            sparse_model=alloc.outputs["sparse_model"],
-            data=data,
-            weights=weights,
-            task=task,
-            evaluation_samples=evaluation_samples,
-            eval_batch_size=eval_batch_size,
-            tolerance=tolerance,
-            registry=registry,
-            name=name,
-            image_size=image_size,
-            image_mode=image_mode,
-            device=device,
-            tracking=tracking,
-            retries=retries,
+        score, settings = best.outputs["score"], best.outputs["settings"]
+        cal, alloc, ev = chain(
+            p,
+            retries,
+            RESOURCES,
+            overrides={
+                "calibrate": {"score": score},
+                "allocate": {"method": "fcpts", "score": score, "settings": settings},
+            },
         )
         return Outputs(
             sweep=best.outputs["sweep"],
@@ -188,7 +125,14 @@ def build(retries: bool = True):
             evaluation=ev.outputs["evaluation"],
         )
 
-    return sweep
+    return pipeline(
+        PIPELINE_NAME,
+        "fcpts sweep: parallel Optuna workers share one study of the fcpts settings; the best "
+        "feasible settings are allocated, evaluated and gated.",
+        parameters(),
+        body,
+        Outputs,
+    )
 
 
 sweep_pipeline = build()

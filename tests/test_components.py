@@ -30,10 +30,11 @@ def test_image_is_defined_once_and_versioned():
     from components import IMAGE
 
     assert IMAGE == f"ghcr.io/fcpts/fcpts:{__version__}"
+    builder = (REPO_ROOT / "components" / "build.py").read_text()
+    assert "base_image=IMAGE" in builder and "install_kfp_package=False" in builder
     for step in STEPS:
         source = (REPO_ROOT / "components" / step / "component.py").read_text()
-        assert "base_image=IMAGE" in source and "install_kfp_package=False" in source
-        assert "ghcr.io" not in source
+        assert f'component("{step}")' in source and "ghcr.io" not in source
 
 
 def _artifact_types(spec, kind):
@@ -67,7 +68,7 @@ def test_components_have_typed_artifacts(pipeline_module):
         command = " ".join(container.command)
         assert "pip install" not in command  # install_kfp_package=False: the image has kfp
         # heavy imports happen inside the function, at run time in the image
-        assert "from fcpts.steps import" in command
+        assert "from fcpts.steps.entry import run" in command
 
 
 def test_compiled_pipeline_structure(compiled):
@@ -202,3 +203,32 @@ def test_dockerfile_parses_and_matches_pyproject():
     assert any(ins.startswith("COPY src ") for ins in instructions)
     order = [i for i, ins in enumerate(instructions) if "torch==" in ins or ".[pipeline" in ins]
     assert "torch==" in instructions[order[0]]  # CPU torch before fcpts, so pip keeps it
+
+
+def test_component_parameters_are_the_declared_options():
+    """Each component takes exactly the declared options of its groups (by their public
+    names, typed for KFP), described by their help; the pipelines take their union."""
+    from components.build import STEPS as SPECS
+    from components.build import kfp_default, parameters
+    from components.evaluate.component import evaluate
+    from fcpts.settings import declared
+    from fcpts.steps.options import EvaluationOptions, GateOptions
+    from pipelines.sparsify import sparsify_pipeline
+
+    inputs = evaluate.component_spec.inputs
+    for setting in [*declared(EvaluationOptions), *declared(GateOptions)]:
+        spec = inputs[setting.dest]
+        assert spec.description == " ".join(setting.opt.help.split())
+        assert spec.default == kfp_default(setting)
+    assert inputs["evaluation_samples"].type == "Integer"  # optional int: 0 = not given
+    pipeline_inputs = set(sparsify_pipeline.component_spec.inputs)
+    union = {s.dest for step in SPECS.values() for s in parameters(step)}
+    assert pipeline_inputs == union
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_component_readmes_are_generated(step):
+    from components.build import readme
+
+    path = REPO_ROOT / "components" / step / "README.md"
+    assert path.read_text() == readme(step), f"{path} is stale: run `make docs`"

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from .errors import UserError
 from .landing import check_feasible, check_target
 from .layers import LayerSpec, find_prunable
 from .scores import check_score, collect_input_norms, compute_scores, needs_activations
+from .settings import Opt
 from .tasks import Task, to_device
 
 
@@ -25,12 +26,39 @@ from .tasks import Task, to_device
 class LayerSelection:
     """Which layers are prunable and within which bounds (see :func:`find_prunable`)."""
 
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    keep_dense: tuple[str, ...] = ()
-    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    min_sparsity: float = 0.0
-    max_sparsity: float = 1.0
+    include: Annotated[
+        tuple[str, ...], Opt("prune only matching layers", metavar="PATTERN", kfp=False)
+    ] = ()
+    exclude: Annotated[
+        tuple[str, ...],
+        Opt(
+            "leave matching layers out entirely (they do not count towards the target)",
+            metavar="PATTERN",
+            kfp=False,
+        ),
+    ] = ()
+    keep_dense: Annotated[
+        tuple[str, ...],
+        Opt(
+            "keep matching layers dense (they count towards the target)",
+            metavar="PATTERN",
+            kfp=False,
+        ),
+    ] = ()
+    bounds: Annotated[
+        Mapping[str, tuple[float, float]],
+        Opt(
+            "per-layer sparsity bounds for matching layers, e.g. 'classifier.*=0:0.5'",
+            metavar="PATTERN=MIN:MAX",
+            kfp=False,
+        ),
+    ] = field(default_factory=dict)
+    min_sparsity: Annotated[
+        float, Opt("lowest sparsity of any layer", metavar="S", kfp=False)
+    ] = 0.0
+    max_sparsity: Annotated[
+        float, Opt("highest sparsity of any layer", metavar="S", kfp=False)
+    ] = 1.0
 
     def find(self, model: nn.Module) -> list[LayerSpec]:
         return find_prunable(

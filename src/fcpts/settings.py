@@ -83,7 +83,7 @@ class Declared:
 
     def default_text(self) -> str:
         if not self.has_default or self.default is None:
-            return "required" if self.opt.required else "-"
+            return "required" if self.opt.required and not self.has_default else "none"
         if isinstance(self.default, bool):
             return "true" if self.default else "false"
         if isinstance(self.default, tuple):

@@ -44,13 +44,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
 from .core import LayerSelection
 from .errors import UserError
+from .settings import Opt
 from .tasks import ClassifierTask, EncoderTask, Task
 
 DEMO_PREFIX = "demo:"
@@ -76,12 +77,55 @@ GENERIC_DEFAULTS = {
 class Sources:
     """What the user pointed at: a model source, its weights, a data source and options."""
 
-    model: str
-    data: str | None = None
-    weights: str | None = None
-    task: str = "auto"
-    image_size: int | None = None
-    image_mode: str = "RGB"
+    model: Annotated[
+        str,
+        Opt(
+            "model source: demo:minilm, demo:digits-cnn, a Hugging Face / sentence-transformers "
+            "folder, a TorchScript file, or module:function (or file.py:function) that builds "
+            "the nn.Module (with --weights); any of them may be s3://bucket/key",
+            metavar="SRC",
+            required=True,
+        ),
+    ]
+    data: Annotated[
+        str | None,
+        Opt(
+            "data source: a text file (one sentence per line, for Hugging Face encoders), an "
+            "ImageFolder folder (root/<class>/<image>), or tensors in .safetensors/.npz (key x, "
+            "optional y labels), .npy (x) or .pt (a tensor or {'x', 'y'}, read weights-only); "
+            "optional for the demos. Samples are split in thirds by a seeded permutation: "
+            "calibration, validation, evaluation",
+            metavar="SRC",
+        ),
+    ] = None
+    weights: Annotated[
+        str | None,
+        Opt(
+            "weights for a module:function model: .safetensors, or a .pt/.pth/.bin state_dict "
+            "(loaded with torch.load(weights_only=True))",
+            metavar="FILE",
+        ),
+    ] = None
+    task: Annotated[
+        Literal["auto", "classifier", "encoder", "regression"],
+        Opt(
+            "how to run and compare the model: classifier (top-1), encoder (embedding cosine "
+            "and nearest-neighbour agreement), regression (relative MSE of outputs); auto picks "
+            "from the source: the demo's task, encoder for Hugging Face folders, classifier when "
+            "the data has labels, else regression"
+        ),
+    ] = "auto"
+    image_size: Annotated[
+        int | None,
+        Opt(
+            "resize ImageFolder images to N x N (default: keep; they must then share one size)",
+            metavar="N",
+        ),
+    ] = None
+    image_mode: Annotated[
+        Literal["RGB", "L"],
+        Opt("ImageFolder colour mode: RGB (3 channels) or L (grey, 1 channel)"),
+    ] = "RGB"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

@@ -9,25 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import UserError
+from ..steps.options import AllocationOptions, GateOptions
 
 PROG = "fcpts"
-RUN_DEFAULT_TARGET = 0.5
-DEFAULT_TOLERANCE = 0.05
+RUN_DEFAULT_TARGET = AllocationOptions.target  # `fcpts run` needs no --target
+DEFAULT_TOLERANCE = GateOptions.tolerance
 DEFAULT_ROOT = "runs"
 DEFAULT_PIPELINE_FILE = "sparsify_pipeline.yaml"
 PIPELINE_STEPS = ("calibrate", "allocate", "evaluate", "register")
-
-MODEL_HELP = (
-    "model source: demo:minilm, demo:digits-cnn, a Hugging Face / sentence-transformers folder, "
-    "a TorchScript file, or module:function (or file.py:function) that builds the nn.Module "
-    "(with --weights)"
-)
-DATA_HELP = (
-    "data source: a text file (one sentence per line, for Hugging Face encoders), an ImageFolder "
-    "folder (root/<class>/<image>), or tensors in .safetensors/.npz (key x, optional y labels), "
-    ".npy (x) or .pt (a tensor or {'x', 'y'}, read weights-only); optional for the demos. "
-    "Samples are split in thirds by a seeded permutation: calibration, validation, evaluation"
-)
 
 
 class _Formatter(argparse.HelpFormatter):

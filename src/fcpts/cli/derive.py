@@ -13,21 +13,32 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import UserError
-from ..settings import Declared
+from ..settings import Declared, declared
 
 
-def argparse_kwargs(setting: Declared, help_suffix: str = "") -> dict[str, Any]:
-    """The ``add_argument`` keywords of one declared setting (default None: "not given")."""
+def argparse_kwargs(
+    setting: Declared, required: bool = False, shown: str | None = None
+) -> dict[str, Any]:
+    """The ``add_argument`` keywords of one declared setting (default None: "not given",
+    so a ``--config`` file can fill it); ``required`` only changes the help text (the
+    command checks it, after the config file)."""
     help_text = " ".join(setting.opt.help.split())
+    if required:
+        note = " (required)"
+    elif shown is not None:
+        note = f" (default: {shown})"
+    elif "(default:" in help_text:
+        note = ""
+    else:
+        note = f" (default: {setting.default_text()})"
     kwargs: dict[str, Any] = {
         "dest": setting.dest,
         "default": None,
-        # argparse %-formats help strings
-        "help": f"{help_text} ({help_suffix}default: {setting.default_text()})".replace("%", "%%"),
+        "help": f"{help_text}{note}".replace("%", "%%"),  # argparse %-formats help strings
     }
     if setting.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif setting.type is tuple:
+    elif setting.type in (tuple, dict):
         kwargs["action"] = "append"
         kwargs["metavar"] = setting.opt.metavar or "VALUE"
     else:
@@ -37,6 +48,47 @@ def argparse_kwargs(setting: Declared, help_suffix: str = "") -> dict[str, Any]:
             kwargs["choices"] = setting.opt.choices
             kwargs.pop("metavar")
     return kwargs
+
+
+def add_group(
+    parser: argparse.ArgumentParser,
+    group: type,
+    title: str,
+    description: str | None = None,
+    *,
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    required: Iterable[str] = (),
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    shown_defaults: dict[str, str] | None = None,
+) -> Any:
+    """An argument group with a flag for each declared field of ``group`` (``only`` those
+    named, by dest, in that order; ``skip`` some); ``aliases`` adds further flag names,
+    ``shown_defaults`` replaces the default a help text shows where this command differs."""
+    settings = {s.dest: s for s in declared(group) if s.opt.cli}
+    names = list(only) if only is not None else [d for d in settings if d not in set(skip)]
+    g = parser.add_argument_group(title, description)
+    for dest in names:
+        setting = settings[dest]
+        flags = [setting.flag, *setting.opt.aliases, *(aliases or {}).get(dest, ())]
+        g.add_argument(
+            *flags,
+            **argparse_kwargs(
+                setting, required=dest in set(required), shown=(shown_defaults or {}).get(dest)
+            ),
+        )
+    return g
+
+
+def given(args: argparse.Namespace, group: type) -> dict[str, Any]:
+    """``group``'s fields, as step keyword arguments, that the command line or the config
+    file gave (the others are left to the step's defaults)."""
+    out = {}
+    for setting in declared(group):
+        value = getattr(args, setting.dest, None)
+        if value is not None:
+            out[setting.name] = tuple(value) if setting.type is tuple else value
+    return out
 
 
 def method_settings() -> list[tuple[str, Declared]]:

@@ -32,14 +32,14 @@ from .common import (
     tracking_from_args,
 )
 from .options import (
-    _add_allocator,
-    _add_calibration,
-    _add_common,
-    _add_evaluation,
-    _add_gate,
-    _add_selection,
-    _add_sources,
-    _add_tracking,
+    add_allocator,
+    add_calibration,
+    add_common,
+    add_evaluation,
+    add_gate,
+    add_selection,
+    add_sources,
+    add_tracking,
 )
 from .pipeline import _PipelineLog, load_pipeline_module
 
@@ -56,12 +56,12 @@ def add_parsers(sub) -> None:
         "<run>/pipeline.log. With tracking (the default) the four steps log to one MLflow run "
         "and an approved model is registered; the command prints how to open it.",
     )
-    _add_sources(p)
-    _add_calibration(p)
-    _add_allocator(p, target_default=RUN_DEFAULT_TARGET)
-    _add_selection(p)
-    _add_evaluation(p, samples_alias=False)
-    _add_gate(p, required=True)
+    add_sources(p, model_default="demo:minilm")
+    add_calibration(p)
+    add_allocator(p, target_required=False)
+    add_selection(p)
+    add_evaluation(p, samples_alias=False)
+    add_gate(p, registry=True)
     g = p.add_argument_group("runner")
     g.add_argument(
         "--root",
@@ -80,8 +80,8 @@ def add_parsers(sub) -> None:
     g.add_argument(
         "--verbose", action="store_true", default=None, help="stream the full KFP log to stdout"
     )
-    _add_tracking(p)
-    _add_common(p)
+    add_tracking(p)
+    add_common(p)
 
 
 def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:

@@ -23,14 +23,15 @@ from .common import (
 )
 from .derive import methods_help
 from .options import (
-    _add_allocator,
-    _add_calibration,
-    _add_common,
-    _add_evaluation,
-    _add_gate,
-    _add_selection,
-    _add_sources,
-    _add_tracking,
+    add_allocator,
+    add_calibration,
+    add_checkpoints,
+    add_common,
+    add_evaluation,
+    add_gate,
+    add_selection,
+    add_sources,
+    add_tracking,
 )
 
 
@@ -44,17 +45,17 @@ def add_parsers(sub) -> None:
         "activation-aware scores, per-layer input statistics (calibration.safetensors), described "
         "with sources, sample count, shapes and sha256 digests in calibration.json.",
     )
-    _add_sources(p)
-    _add_calibration(p)
-    _add_selection(p)
+    add_sources(p)
+    add_calibration(p)
+    add_selection(p)
     p.add_argument(
         "--out",
         metavar="DIR",
         default=None,
         help="calibration folder to write, or s3://bucket/prefix (required)",
     )
-    _add_tracking(p)
-    _add_common(p)
+    add_tracking(p)
+    add_common(p)
 
     p = sub.add_parser(
         "allocate",
@@ -73,45 +74,19 @@ def add_parsers(sub) -> None:
         help="a folder (or s3:// output) written by `fcpts calibrate` (else --model/--data "
         "are calibrated first)",
     )
-    _add_sources(p, model_required=False)
-    _add_calibration(
-        p,
-        score_help="importance score: magnitude or wanda (default: the calibration's; "
-        "auto, i.e. wanda, when calibrating on the fly)",
-    )
-    _add_allocator(p, target_default=None)
-    _add_selection(p)
+    add_sources(p, model_required=False)
+    add_calibration(p)
+    add_allocator(p, target_required=True)
+    add_selection(p)
     p.add_argument(
         "--out",
         metavar="DIR",
         default=None,
         help="sparse model folder to write, or s3://bucket/prefix (required)",
     )
-    g = p.add_argument_group("checkpoints (fcpts method)")
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help="save the allocator's whole state every N iterations (default: 25); the "
-        "checkpoint is deleted once the output is written",
-    )
-    g.add_argument(
-        "--checkpoint-dir",
-        metavar="DIR",
-        default=None,
-        help="folder for the checkpoint (default: OUT.checkpoint next to a local --out, a "
-        "folder in the fcpts cache for an s3:// --out)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue from the checkpoint of an interrupted run with the same inputs "
-        "(none there: start afresh); the result equals an uninterrupted run's",
-    )
-    _add_tracking(p)
-    _add_common(p)
+    add_checkpoints(p)
+    add_tracking(p)
+    add_common(p)
 
     p = sub.add_parser(
         "evaluate",
@@ -122,30 +97,23 @@ def add_parsers(sub) -> None:
         "(dense safetensors vs bitmask+values safetensors) and CPU latency. Writes DIR/metrics.json, "
         "DIR/allocation.png, DIR/report.md and DIR/report.html.",
     )
-    _add_sources(p)
+    add_sources(p)
     p.add_argument(
         "--sparse",
         metavar="DIR",
         default=None,
         help="the --out folder (or s3:// output) of `fcpts allocate` (required)",
     )
-    _add_evaluation(p, samples_alias=True)
-    g = p.add_argument_group("approval gate")
-    g.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        metavar="X",
-        help="also record the approval gate's decision for this allowed quality drop",
-    )
+    add_evaluation(p, samples_alias=True)
+    add_gate(p, registry=False, gate_optional=True)
     p.add_argument(
         "--out",
         metavar="DIR",
         default=None,
         help="folder for metrics.json and the reports, or s3://bucket/prefix (required)",
     )
-    _add_tracking(p)
-    _add_common(p)
+    add_tracking(p)
+    add_common(p)
 
     p = sub.add_parser(
         "register",
@@ -178,15 +146,15 @@ def add_parsers(sub) -> None:
         "the --out folder of `fcpts evaluate`; logs what its MLflow run lacks, then registers "
         "it (idempotent: no second version for the same run)",
     )
-    _add_gate(p, required=True)
+    add_gate(p, registry=True)
     p.add_argument(
         "--out",
         metavar="DIR",
         default=None,
         help="folder for decision.json (required; with --from: default DIR/register/decision)",
     )
-    _add_tracking(p)
-    _add_common(p)
+    add_tracking(p)
+    add_common(p)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
