@@ -324,10 +324,10 @@ def test_plot_handles_fewer_than_two_trials(tmp_path):
 
 
 def test_cli_writes_best_json(tmp_path, capsys):
-    from fcpts import sweep_cli
+    from fcpts.cli import main
 
     out = tmp_path / "out"
-    code = sweep_cli.main(
+    code = main(
         ["sweep", "--model", MODEL, "--target", "0.6", "--trials", "1", "--out", str(out),
          "--space", "iters=20:20", "--calibration-samples", "64", "--batch-size", "32",
          "--validation-samples", "64", "--threads", "1", "--quiet"]
@@ -352,17 +352,17 @@ def test_cli_writes_best_json(tmp_path, capsys):
     ],
 )  # fmt: skip
 def test_cli_bad_input_exits_2(args, message, capsys, tmp_path, monkeypatch):
-    from fcpts import sweep_cli
+    from fcpts.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["sweep", *args]) == 2
+    assert main(["sweep", *args]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_wires_into_a_parent_parser():
     import argparse
 
-    from fcpts import sweep_cli
+    from fcpts.cli import sweep as sweep_cli
 
     parser = argparse.ArgumentParser(prog="fcpts")
     sub = parser.add_subparsers(dest="command")

@@ -12,9 +12,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__, sweep_cli
+from .. import __version__
 from ..errors import FcptsError, UserError
-from . import pipeline, registry, run, step_commands, submit
+from . import pipeline, registry, run, step_commands, submit, sweep
 from .common import (  # noqa: F401  (re-exported: the CLI's names before it became a package)
     DEFAULT_PIPELINE_FILE,
     DEFAULT_ROOT,
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     step_commands.add_parsers(sub)
     run.add_parsers(sub)
     pipeline.add_parsers(sub)
-    sweep_cli.add_parser(sub)
+    sweep.add_parser(sub)
     registry.add_parsers(sub)
     submit.add_parsers(sub)
     return parser
@@ -64,7 +64,7 @@ COMMANDS = {
     "register": cmd_register,
     "run": cmd_run,
     "compile": cmd_compile,
-    "sweep": sweep_cli.run,
+    "sweep": sweep.run,
     "promote": cmd_promote,
     "rollback": cmd_rollback,
     **submit.COMMANDS,

@@ -77,10 +77,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def allocator_settings(args: argparse.Namespace) -> dict[str, Any]:
+def allocator_settings(args: argparse.Namespace, flags: bool = True) -> dict[str, Any]:
     """The chosen method's settings: the config file's ``settings`` mapping, then ``--set``
-    items, then the settings' own flags (:mod:`fcpts.cli.derive`), each overriding the one
-    before."""
+    items, then (with ``flags``) the settings' own flags (:mod:`fcpts.cli.derive`), each
+    overriding the one before."""
     from .derive import given_allocator_settings
 
     method = _get(args, "method", "fcpts")
@@ -90,7 +90,8 @@ def allocator_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not eq or not key.strip():
             raise UserError(f"--set takes KEY=VALUE (e.g. --set schedule=cosine), got {item!r}")
         settings[key.strip()] = _parse_value(value.strip())
-    settings.update(given_allocator_settings(args, method))
+    if flags:
+        settings.update(given_allocator_settings(args, method))
     return settings
 
 

@@ -9,6 +9,7 @@ sweep's search space, in MLflow's params and in the README without being retyped
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +28,7 @@ def argparse_kwargs(
         note = " (required)"
     elif shown is not None:
         note = f" (default: {shown})"
-    elif "(default:" in help_text:
+    elif "default:" in help_text:
         note = ""
     else:
         note = f" (default: {setting.default_text()})"
@@ -61,15 +62,21 @@ def add_group(
     required: Iterable[str] = (),
     aliases: dict[str, tuple[str, ...]] | None = None,
     shown_defaults: dict[str, str] | None = None,
+    helps: dict[str, str] | None = None,
 ) -> Any:
     """An argument group with a flag for each declared field of ``group`` (``only`` those
     named, by dest, in that order; ``skip`` some); ``aliases`` adds further flag names,
-    ``shown_defaults`` replaces the default a help text shows where this command differs."""
+    ``shown_defaults`` replaces the default a help text shows where this command differs,
+    ``helps`` the help text where the option means something narrower here."""
     settings = {s.dest: s for s in declared(group) if s.opt.cli}
     names = list(only) if only is not None else [d for d in settings if d not in set(skip)]
     g = parser.add_argument_group(title, description)
     for dest in names:
         setting = settings[dest]
+        if dest in (helps or {}):
+            setting = dataclasses.replace(
+                setting, opt=dataclasses.replace(setting.opt, help=helps[dest])
+            )
         flags = [setting.flag, *setting.opt.aliases, *(aliases or {}).get(dest, ())]
         g.add_argument(
             *flags,

@@ -16,8 +16,8 @@ from ..steps.options import (
     GateOptions,
     RegistryOptions,
     RunOptions,
+    TrackingOptions,
 )
-from ..tracking.names import DEFAULT_EXPERIMENT
 from .derive import add_allocator_settings, add_group, methods_help
 
 SELECTION_HELP = (
@@ -113,32 +113,12 @@ def add_gate(p: argparse.ArgumentParser, registry: bool, gate_optional: bool = F
 
 
 def add_tracking(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
+    g = add_group(
+        p,
+        TrackingOptions,
         "tracking",
         "All steps of one pipeline run log to one MLflow run, found by the pipeline run id; a "
         "step given no id continues the run recorded in its input folder.",
-    )
-    g.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking store: an mlflow server (http://host:5000), a database URI, or a "
-        "folder for an embedded store (default: $MLFLOW_TRACKING_URI, else the embedded "
-        "sqlite:///./mlruns/mlflow.db with artifacts in ./mlruns/artifacts)",
-    )
-    g.add_argument(
-        "--experiment",
-        metavar="NAME",
-        default=None,
-        help="MLflow experiment (default: the one recorded in the input folder, else "
-        f"{DEFAULT_EXPERIMENT})",
-    )
-    g.add_argument(
-        "--pipeline-run-id",
-        metavar="ID",
-        default=None,
-        help="the pipeline run to log to (letters, digits, . _ -; default: the one recorded in "
-        "the input folder, else a new one)",
     )
     g.add_argument(
         "--no-tracking",

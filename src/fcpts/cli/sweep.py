@@ -1,7 +1,8 @@
 """``fcpts sweep``: the argparse wiring of :func:`fcpts.sweep.run_sweep`.
 
-:mod:`fcpts.cli` adds the command with :func:`add_parser` and :func:`run`. Also runnable on
-its own as ``python -m fcpts.sweep_cli sweep --model ...`` (or without the word ``sweep``).
+:mod:`fcpts.cli` adds the command with :func:`add_parser` and :func:`run`. The options it
+shares with the steps (sources, target, sample counts, device, seed, tracking) are derived
+from their declarations (:mod:`fcpts.cli.derive`); the sweep's own are written here.
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from .errors import FcptsError, UserError
+from ..errors import UserError
+from ..sources import Sources
+from ..steps.options import (
+    AllocationOptions,
+    CalibrationOptions,
+    EvaluationOptions,
+    RunOptions,
+    TrackingOptions,
+)
+from .common import _get, allocator_settings
+from .derive import add_group
 
 COMMAND = "sweep"
 DESCRIPTION = """\
@@ -64,7 +73,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _space_defaults() -> str:
     """The declared search ranges, as --space would write them."""
-    from .sweep.space import default_bounds
+    from ..sweep.space import default_bounds
 
     parts = []
     for name, bounds in default_bounds().items():
@@ -76,42 +85,15 @@ def _space_defaults() -> str:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        metavar="SRC",
-        default=None,
-        help="model source: demo:minilm, demo:digits-cnn, a Hugging Face folder, or "
-        "module:function with --weights (required; TorchScript cannot be swept: fcpts learns "
-        "through the forward pass)",
+    add_group(
+        p,
+        Sources,
+        "model and data",
+        "Trials learn on the calibration third of the data and are scored on the validation "
+        "third; TorchScript models cannot be swept (fcpts learns through the forward pass).",
+        required=("model",),
     )
-    g.add_argument("--weights", metavar="FILE", default=None, help="weights for module:function")
-    g.add_argument(
-        "--data",
-        metavar="SRC",
-        default=None,
-        help="data source (text file, ImageFolder folder, tensors); optional for the demos. "
-        "Trials learn on the calibration third and are scored on the validation third",
-    )
-    g.add_argument(
-        "--task",
-        choices=("auto", "classifier", "encoder", "regression"),
-        default=None,
-        help="how to run and score the model (default: auto)",
-    )
-    g.add_argument(
-        "--image-size", type=int, default=None, metavar="N", help="resize images to N x N"
-    )
-    g.add_argument("--image-mode", choices=("RGB", "L"), default=None, help="image colour mode")
-
-    g = p.add_argument_group("sweep")
-    g.add_argument(
-        "--target",
-        type=float,
-        default=None,
-        metavar="S",
-        help="global sparsity, strictly between 0 and 1 (required)",
-    )
+    g = add_group(p, AllocationOptions, "sweep", only=("target",), required=("target",))
     g.add_argument(
         "--trials",
         type=int,
@@ -198,26 +180,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "is marked FAIL and re-queued (default: 60; heartbeats every quarter of it)",
     )
 
-    g = p.add_argument_group("samples")
-    g.add_argument(
-        "--calibration-samples",
-        type=int,
-        default=None,
-        metavar="N",
-        help="calibration samples each trial learns on (default: the source's)",
-    )
-    g.add_argument(
-        "--batch-size", type=int, default=None, metavar="N", help="calibration batch size"
-    )
+    g = add_group(p, CalibrationOptions, "samples", only=("calibration_samples", "batch_size"))
     g.add_argument(
         "--validation-samples",
         type=int,
         default=None,
         metavar="N",
         help="validation samples each trial is scored on (default: the source's evaluation count)",
-    )
-    g.add_argument(
-        "--eval-batch-size", type=int, default=None, metavar="N", help="validation batch size"
     )
     g.add_argument(
         "--selection",
@@ -227,19 +196,22 @@ def configure(p: argparse.ArgumentParser) -> None:
         "include, exclude, keep_dense, bounds, min_sparsity, max_sparsity)",
     )
 
-    g = p.add_argument_group("tracking and output")
-    g.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking URI: one parent run per study, a nested run per trial "
-        "(default: $MLFLOW_TRACKING_URI; none: no MLflow)",
+    add_group(
+        p,
+        EvaluationOptions,
+        "validation",
+        only=("eval_batch_size",),
+        helps={"eval_batch_size": "validation batch size"},
+        shown_defaults={"eval_batch_size": "64"},
     )
-    g.add_argument(
-        "--experiment",
-        metavar="NAME",
-        default=None,
-        help="MLflow experiment (default: fcpts-sweep)",
+    g = add_group(
+        p,
+        TrackingOptions,
+        "tracking and output",
+        "One MLflow parent run per study and a nested run per trial (no tracking URI and no "
+        "$MLFLOW_TRACKING_URI: no MLflow).",
+        only=("tracking_uri", "experiment"),
+        shown_defaults={"experiment": "fcpts-sweep"},
     )
     g.add_argument(
         "--out",
@@ -248,16 +220,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="folder for best.json, allocate.json, trials.json, study.png (required)",
     )
 
-    g = p.add_argument_group("general")
+    g = add_group(p, RunOptions, "general")
     g.add_argument(
         "--config",
         metavar="FILE",
         help="YAML or JSON file of options (long option names; flags override the file)",
     )
-    g.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=None, help="where to compute"
-    )
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="seed (default: 0)")
     g.add_argument(
         "--threads",
         type=int,
@@ -268,34 +236,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", default=None, help="no per-trial log lines")
 
 
-def _get(args: argparse.Namespace, name: str, default: Any = None) -> Any:
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return text
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(getattr(args, "settings", None) or {})
-    for item in getattr(args, "settings_flags", None) or []:
-        key, eq, value = str(item).partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"--set takes KEY=VALUE (e.g. --set schedule=constant), got {item!r}")
-        settings[key.strip()] = _parse_value(value.strip())
-    return settings
+    """The fcpts settings every trial fixes: the config's ``settings`` and ``--set`` items
+    (the searched ones come from --space)."""
+    return allocator_settings(args, flags=False)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fcpts sweep`` from parsed arguments; returns the exit code."""
-    from . import sweep
+    from .. import sweep
 
     for name in ("model", "target", "trials", "out"):
         if getattr(args, name, None) in (None, ""):
@@ -304,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--trials must be >= 0, got {args.trials}")
     selection = None
     if getattr(args, "selection", None):
-        from .steps.common import selection_from_json
+        from ..steps.common import selection_from_json
 
         selection_from_json(args.selection)  # a UserError names a bad field
         selection = json.loads(args.selection)  # only the fields given: the rest stay the source's
@@ -376,41 +325,3 @@ def summary(best: dict[str, Any], path: Any) -> str:
         f"wrote {path}; allocate with: fcpts allocate --config {os.path.join(out, 'allocate.json')} --out SPARSE"
     )
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcpts", formatter_class=_formatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fcpts.sweep_cli [sweep] --model ...``: the command on its own."""
-    # as `fcpts` does: idle OpenMP threads sleep instead of spinning (busy machines)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != COMMAND:
-        argv.insert(0, COMMAND)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        args.settings = {}
-        if getattr(args, "config", None):
-            from .cli import apply_config
-
-            apply_config(args, parser)
-        return run(args)
-    except UserError as exc:
-        print(f"fcpts: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except FcptsError as exc:
-        print(f"fcpts: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("fcpts: interrupted (rerun the same command to resume the study)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
