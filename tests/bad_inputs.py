@@ -277,6 +277,20 @@ ROWS = (
         "allocate --model demo:digits-cnn --data {ws}/nan.npy --target 0.5 --out {ws}/out",
         "NaN",
     ),
+    Row(
+        "label-too-high",
+        "data sources",
+        "a label (57) beyond a 10-class model's outputs",
+        "allocate --model demo:digits-cnn --data {ws}/label-57.npz --target 0.5 --out {ws}/out",
+        "label 57 in",
+    ),
+    Row(
+        "label-negative",
+        "data sources",
+        "a negative label (-3)",
+        "allocate --model demo:digits-cnn --data {ws}/label-minus-3.npz --target 0.5 --out {ws}/out",
+        "label -3 in",
+    ),
     # devices
     Row(
         "device-cuda-absent",
@@ -500,6 +514,8 @@ def make_workspace(ws: Path) -> None:
     np.save(ws / "strings.npy", np.array(["a picture"] * 30))
     np.save(ws / "nan.npy", np.full_like(images, np.nan))
     np.savez(ws / "wrong-key.npz", images=images)
+    for name, label in (("label-57", 57), ("label-minus-3", -3)):
+        np.savez(ws / f"{name}.npz", x=images, y=np.array([0] * 29 + [label]))
 
 
 def closed_port() -> int:

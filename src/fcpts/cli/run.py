@@ -88,7 +88,7 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
     """Check the options before starting the pipeline (a bad input fails in a second,
     with exit code 2, instead of inside a step)."""
     from ..demos import DEMOS
-    from ..sources import _FUNCTION_SPEC, DEMO_PREFIX
+    from ..sources import DEMO_PREFIX, parse_function_source
     from ..steps.common import selection_from_dict
     from ..steps.register import check_tolerance, load_registry
 
@@ -100,7 +100,7 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
                 f"unknown demo {src!r}: choose one of {', '.join(DEMO_PREFIX + k for k in DEMOS)}"
             )
     elif not is_s3_uri(src) and not Path(src).expanduser().exists():
-        if not _FUNCTION_SPEC.match(src):
+        if parse_function_source(src) is None:
             raise UserError(
                 f"unknown model source {src!r}: give demo:minilm, demo:digits-cnn, a Hugging Face folder, "
                 "a TorchScript file, or module:function with --weights"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .base import DEMOS, Demo, load_demo
+from .base import Demo
+from .registry import DEMOS, load_demo
 
 __all__ = ["DEMOS", "Demo", "load_demo"]

@@ -70,4 +70,5 @@ def load() -> Demo:
         split=partial(_split, tokenizer, corpus),
         selection=LayerSelection(exclude=("pooler.*",)),
         defaults={"calibration_samples": 512, "evaluation_samples": 512, "batch_size": 16},
+        tokenizer=tokenizer,
     )

@@ -30,10 +30,10 @@ from ..sources import (
     ResolvedModel,
     Sources,
     check_fit,
+    choose_task,
     layer_view,
     resolve_data,
     resolve_model,
-    resolve_task,
     sample_digests,
     task_kind,
 )
@@ -153,7 +153,8 @@ def _calibrate(
         else model.defaults["calibration_batch_size"]
     )
     data = resolve_data(sources, model)
-    task = resolve_task(sources.task, model, data)
+    choice = choose_task(sources.task, model, data)
+    task = choice.task
     if not isinstance(selection, LayerSelection):
         selection = selection_from_dict(selection, base=model.selection)
     layers = selection.find(layer_view(model))  # checks the patterns before any heavy work
@@ -192,6 +193,7 @@ def _calibrate(
         },
         "data": data.describe(),
         "task": task_kind(task),
+        "task_reason": choice.reason,
         "split": "calibration",
         "seed": int(seed),
         "samples": samples_taken,

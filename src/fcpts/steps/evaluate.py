@@ -39,6 +39,7 @@ from ..metrics import (
 from ..sources import (
     ResolvedModel,
     Sources,
+    check_labels,
     make_task,
     resolve_data,
     resolve_model,
@@ -191,6 +192,8 @@ def _evaluate(
     dense_net = move(model.model, dev).eval()
     sparse_net = move(sparse_net, dev).eval()
     dense_out = _outputs(dense_net, task, batches, dev, progress_bar, "dense outputs")
+    if isinstance(task, ClassifierTask):
+        check_labels(data, int(dense_out.shape[-1]), batches)
     sparse_out = _outputs(sparse_net, task, batches, dev, progress_bar, "sparse outputs")
     quality = _quality(task, dense_out, sparse_out, batches)
 

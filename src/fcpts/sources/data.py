@@ -1,0 +1,313 @@
+"""Data sources resolved: text files, image folders, tensor files and the demos' splits.
+
+Every sample of a user's data set lands in exactly one of three splits (thirds of a seeded
+permutation), so calibration and evaluation never share a sample (see :mod:`fcpts.sources`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..demos.minilm import tokenize
+from ..errors import UserError
+from ..sparse_model import sha256_file
+from ..tasks import ClassifierTask
+from .files import first_line, local_path, read_safetensors, torch_load
+from .models import ResolvedModel
+from .spec import DEMO_PREFIX, SPLITS, Sources
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".npz")
+
+
+@dataclass
+class DataSource:
+    """A data set split three ways; ``split`` returns batches ready for the task.
+
+    ``label_range`` is the smallest and largest class label over the whole data set (every
+    split), when the source knows it before any split is taken."""
+
+    source: str
+    kind: str  # demo | text | images | tensors
+    samples: int | None  # total size (None for the demos: their splits are fixed)
+    has_labels: bool
+    digest: str | None = None
+    classes: list[str] | None = None
+    label_range: tuple[int, int] | None = None
+    _loader: Any = None
+
+    def split(self, name: str, n: int, batch_size: int, seed: int = 0) -> list[Any]:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        if n <= 0 or batch_size <= 0:
+            raise UserError(
+                f"sample counts and batch sizes must be positive, got {n} and {batch_size}"
+            )
+        return self._loader(name, n, batch_size, seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "samples": self.samples,
+            "has_labels": self.has_labels,
+            "sha256": self.digest,
+            "classes": self.classes,
+        }
+
+
+def split_indices(total: int, name: str, seed: int) -> list[int]:
+    """The indices of split ``name`` of a data set of ``total`` samples (thirds of a
+    seeded permutation: disjoint whatever the sample counts asked for)."""
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    third = total // 3
+    bounds = {
+        "calibration": (0, third),
+        "validation": (third, 2 * third),
+        "evaluation": (2 * third, total),
+    }
+    lo, hi = bounds[name]
+    return perm[lo:hi]
+
+
+def _take(total: int, name: str, n: int, seed: int, source: str) -> list[int]:
+    pool = split_indices(total, name, seed)
+    if not pool:
+        raise UserError(
+            f"data {source} has {total} sample{'s' if total != 1 else ''}: too few for a {name} split (each split gets a third)"
+        )
+    return pool[: min(n, len(pool))]
+
+
+def resolve_data(sources: Sources, model: ResolvedModel) -> DataSource:
+    spec = sources.data.strip() if sources.data else None
+    if not spec or spec.startswith(DEMO_PREFIX):
+        if model.demo is None:
+            raise UserError(f"no data given for {model.source}: pass --data (a file or folder)")
+        if spec and spec.removeprefix(DEMO_PREFIX) != model.demo.name:
+            raise UserError(f"data {spec} does not belong to {model.source}; leave --data out")
+        return _demo_data(model)
+    path = local_path(spec)
+    if not path.exists():
+        raise UserError(f"data file or folder {spec} does not exist")
+    if path.is_dir():
+        return _image_folder(path, spec, sources)
+    if path.suffix in TENSOR_SUFFIXES:
+        return _tensor_file(path, spec)
+    return _text_file(path, spec, model)
+
+
+def _demo_data(model: ResolvedModel) -> DataSource:
+    demo = model.demo
+    labels = isinstance(demo.task, ClassifierTask)
+
+    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
+        return demo.split(name, n, batch_size)
+
+    return DataSource(
+        source=f"demo:{demo.name}", kind="demo", samples=None, has_labels=labels, _loader=load
+    )
+
+
+def _text_file(path: Path, spec: str, model: ResolvedModel) -> DataSource:
+    if model.tokenizer is None:
+        raise UserError(
+            f"text data {spec} needs a model with a tokenizer (a Hugging Face folder); "
+            f"{model.source} has none: give tensors or images instead"
+        )
+    try:
+        raw = path.read_bytes()
+        lines = [line.strip() for line in raw.decode("utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise UserError(f"{spec} is not a UTF-8 text file (one sentence per line)") from None
+    sentences = [line for line in lines if line]
+    if not sentences:
+        raise UserError(f"text file {spec} has no non-empty line")
+
+    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
+        chosen = [sentences[i] for i in _take(len(sentences), name, n, seed, spec)]
+        return tokenize(model.tokenizer, chosen, batch_size)
+
+    return DataSource(
+        source=spec,
+        kind="text",
+        samples=len(sentences),
+        has_labels=False,
+        digest=hashlib.sha256(raw).hexdigest(),
+        _loader=load,
+    )
+
+
+def _check_xy(x: Any, y: Any, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise UserError(f"{spec}: 'x' must be a non-empty tensor with samples on the first axis")
+    if x.dtype == torch.float64:
+        x = x.float()
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise UserError(
+            f"{spec}: 'x' holds {bad} NaN or infinite values of {x.numel()}: clean or drop "
+            "those samples first"
+        )
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise UserError(
+                f"{spec}: 'y' must be a 1-D tensor of {x.shape[0]} labels, one per sample of 'x'"
+            )
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise UserError(f"{spec}: 'y' must hold integer class labels, got {y.dtype}")
+        y = y.long()
+    return x, y
+
+
+def _read_tensors(path: Path, spec: str) -> Any:
+    """The content of a tensor file: a tensor, or a mapping of names to tensors."""
+    suffix = path.suffix
+    if suffix == ".safetensors":
+        return read_safetensors(path, spec)
+    if suffix not in (".npy", ".npz"):
+        return torch_load(path)
+    try:
+        loaded = np.load(str(path), allow_pickle=False)
+        arrays = (
+            {k: np.array(loaded[k]) for k in loaded.files}
+            if suffix == ".npz"
+            else {"x": np.array(loaded)}
+        )
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(
+            f"{spec} is not a readable {suffix} file without pickled objects ({first_line(exc)})"
+        ) from None
+    for key, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise UserError(
+                f"{spec}: array {key!r} holds {arr.dtype} values, not numbers: save the "
+                "inputs as a float array (and labels as integers)"
+            )
+    tensors = {k: torch.from_numpy(arr) for k, arr in arrays.items()}
+    return tensors if suffix == ".npz" else tensors["x"]
+
+
+def _tensor_file(path: Path, spec: str) -> DataSource:
+    data = _read_tensors(path, spec)
+    if isinstance(data, torch.Tensor):
+        x, y = data, None
+    elif isinstance(data, Mapping):
+        if "x" not in data:
+            raise UserError(
+                f"{spec} has no tensor 'x' (keys: {', '.join(map(str, data)) or 'none'})"
+            )
+        x, y = data["x"], data.get("y")
+    else:
+        raise UserError(f"{spec} must hold a tensor or a mapping with 'x' (and optionally 'y')")
+    x, y = _check_xy(x, y, spec)
+    total = int(x.shape[0])
+
+    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
+        idx = torch.tensor(_take(total, name, n, seed, spec))
+        xs = x[idx]
+        ys = y[idx] if y is not None else None
+        out = []
+        for i in range(0, len(idx), batch_size):
+            batch = {"x": xs[i : i + batch_size].contiguous()}
+            if ys is not None:
+                batch["y"] = ys[i : i + batch_size].contiguous()
+            out.append(batch)
+        return out
+
+    return DataSource(
+        source=spec,
+        kind="tensors",
+        samples=total,
+        has_labels=y is not None,
+        digest=sha256_file(path),
+        label_range=(int(y.min()), int(y.max())) if y is not None else None,
+        _loader=load,
+    )
+
+
+def _image_folder(path: Path, spec: str, sources: Sources) -> DataSource:
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((f, label))
+    if not files:
+        raise UserError(
+            f"folder {spec} holds no images in ImageFolder layout ({spec}/<class>/<image>"
+            f"{'/'.join(IMAGE_SUFFIXES[:3])})"
+        )
+    digest = hashlib.sha256()
+    for f, label in files:
+        digest.update(f"{f.relative_to(path)}|{label}|{f.stat().st_size}\n".encode())
+
+    def read(f: Path) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(f) as img:
+                img = img.convert(sources.image_mode)
+                if sources.image_size:
+                    img = img.resize((sources.image_size, sources.image_size), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"image {f} cannot be read ({first_line(exc)})") from None
+        t = torch.from_numpy(arr.copy())
+        return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
+        chosen = [files[i] for i in _take(len(files), name, n, seed, spec)]
+        images = [read(f) for f, _ in chosen]
+        shapes = {tuple(t.shape) for t in images}
+        if len(shapes) > 1:
+            raise UserError(
+                f"images in {spec} have different sizes {sorted(shapes)[:3]}: pass --image-size N to resize them"
+            )
+        xs = torch.stack(images)
+        ys = torch.tensor([label for _, label in chosen], dtype=torch.long)
+        return [
+            {"x": xs[i : i + batch_size].contiguous(), "y": ys[i : i + batch_size].contiguous()}
+            for i in range(0, len(chosen), batch_size)
+        ]
+
+    labels = [label for _, label in files]
+    return DataSource(
+        source=spec,
+        kind="images",
+        samples=len(files),
+        has_labels=True,
+        digest=digest.hexdigest(),
+        classes=classes,
+        label_range=(min(labels), max(labels)),
+        _loader=load,
+    )
+
+
+def sample_digests(batches: Sequence[Any]) -> list[str]:
+    """A short digest of every sample (labels and padding excluded), to prove that two
+    sets of batches share no sample."""
+    out = []
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            batch = {"x": batch}
+        mask = batch.get("attention_mask")
+        keys = sorted(k for k in batch if k not in ("y", "attention_mask", "token_type_ids"))
+        n = int(batch[keys[0]].shape[0])
+        for i in range(n):
+            h = hashlib.sha256()
+            for key in keys:
+                row = batch[key][i]
+                if mask is not None and row.dim() >= 1 and row.shape[0] == mask.shape[1]:
+                    row = row[mask[i].bool()]
+                h.update(key.encode())
+                h.update(row.detach().cpu().contiguous().numpy().tobytes())
+            out.append(h.hexdigest()[:20])
+    return out
