@@ -20,7 +20,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def _actions(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def option_actions(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """A command's options by dest, as config keys name them."""
     return {a.dest: a for a in p._actions if a.dest not in ("help", "config", argparse.SUPPRESS)}
 
 
@@ -151,7 +152,8 @@ def load_config(path: str) -> dict[str, Any]:
     return data
 
 
-def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+def option_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A config value for an option, checked and converted as its flag would be."""
     where = f"config {path}: {key}"
     if value is None:
         return None
@@ -168,11 +170,14 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         if isinstance(value, bool) or isinstance(value, (list, dict)):
             raise UserError(f"{where} must be a single {action.type.__name__}, got {shown(value)}")
         try:
-            value = action.type(value)
+            converted = action.type(value)
         except (TypeError, ValueError):
             raise UserError(
                 f"{where} must be a {action.type.__name__}, got {shown(value)}"
             ) from None
+        if isinstance(value, float) and isinstance(converted, int) and converted != value:
+            raise UserError(f"{where} must be a whole number, got {shown(value)}")
+        value = converted
     elif not isinstance(value, str):
         if isinstance(value, (dict, list)):
             raise UserError(f"{where} must be a single value, got {shown(value)}")
@@ -198,7 +203,7 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     commands = set(subs)
     known: set[str] = set(SPECIAL_CONFIG_KEYS)
     for sp in subs.values():
-        known |= set(_actions(sp))
+        known |= set(option_actions(sp))
     merged: dict[str, Any] = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
@@ -215,7 +220,7 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         raise UserError(
             f"config {path}: unknown option {shown(unknown[0])} (use the long option names, e.g. target, method)"
         )
-    mine = _actions(subs[args.command])
+    mine = option_actions(subs[args.command])
     for key, value in merged.items():
         if key == "settings":
             if not isinstance(value, dict):
@@ -225,4 +230,4 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         if key not in mine:
             continue  # an option of another command: a config file may serve several
         if getattr(args, key, None) is None:
-            setattr(args, key, _coerce(mine[key], key, value, path))
+            setattr(args, key, option_value(mine[key], key, value, path))
