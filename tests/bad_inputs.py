@@ -335,6 +335,34 @@ ROWS = (
         "register --metrics {ws}/prose.txt --sparse {ws}/existing --out {ws}/decision",
         "is not valid JSON",
     ),
+    Row(
+        "config-alias-bomb",
+        "configs",
+        "a config of a few hundred bytes whose YAML aliases nest to 9**10 values (billion laughs)",
+        "allocate --config {ws}/alias-bomb.yaml --out {ws}/out",
+        "expand it to more than 1 MiB",
+    ),
+    Row(
+        "config-too-large",
+        "configs",
+        "a config file over the 1 MiB cap",
+        "allocate --config {ws}/large.yaml --out {ws}/out",
+        "is larger than 1 MiB",
+    ),
+    Row(
+        "config-folder",
+        "configs",
+        "--config naming a folder",
+        "allocate --config {ws}/existing --out {ws}/out",
+        "is a folder, not a regular file",
+    ),
+    Row(
+        "config-device",
+        "configs",
+        "--config naming a device (/dev/zero, endless)",
+        "allocate --config /dev/zero --out {ws}/out",
+        "is a character device, not a regular file",
+    ),
     # outputs
     Row(
         "out-is-file",
@@ -497,6 +525,13 @@ QUIET = ("calibrate", "allocate", "evaluate", "register", "run", "sweep")  # tak
 S3_BUCKET = "fcpts-catalogue"  # exists on the moto server of rows with needs="moto"
 
 
+def alias_bomb(levels: int = 10) -> str:
+    """A billion-laughs YAML value: a few hundred bytes, 9**levels strings written out."""
+    parts = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    parts += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
 def make_workspace(ws: Path) -> None:
     """The files the rows point at, and an existing folder that must survive every row."""
     ws.mkdir(parents=True, exist_ok=True)
@@ -505,6 +540,8 @@ def make_workspace(ws: Path) -> None:
     (ws / "prose.txt").write_text("Readability counts.\nErrors should never pass silently.\n")
     (ws / "broken.yaml").write_text("target: [0.5\n")
     (ws / "unknown-key.yaml").write_text("model: demo:digits-cnn\ntarget: 0.5\nbogus_key: 1\n")
+    (ws / "alias-bomb.yaml").write_text(f"model: demo:digits-cnn\ntarget: {alias_bomb()}\n")
+    (ws / "large.yaml").write_text("target: 0.5\n" + "# padding\n" * 110_000)
     (ws / "garbage.pt").write_bytes(b"not a checkpoint")
     (ws / "garbage.npz").write_bytes(b"not an archive")
     images = np.zeros((30, 1, 8, 8), dtype=np.float32)

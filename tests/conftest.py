@@ -117,8 +117,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def run_fcpts(*args, cwd=None, timeout=300, env=None):
-    """Run the installed ``fcpts`` CLI in a subprocess; returns the CompletedProcess."""
+def run_fcpts(*args, cwd=None, timeout=services.HANG_GUARD_S, env=None):
+    """Run the installed ``fcpts`` CLI in a subprocess; returns the CompletedProcess
+    (``timeout``: a hang guard, not a speed check)."""
     full_env = dict(
         os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
     )

@@ -35,6 +35,10 @@ PG_USER_NAME = "fcpts-pg"  # the OS user PostgreSQL runs as when we are root
 PG_SUPERUSER = "fcpts"  # the database role the tests connect as (trust auth, loopback)
 PG_DATABASE = "fcpts"
 HOST = "127.0.0.1"
+# A timeout in a test guards against a hang; it never measures speed. Generous, since a
+# loaded machine runs 5-10x slower; FCPTS_TEST_HANG_SCALE multiplies it (e.g. 3 on a
+# crowded runner). Every wait in the tests that fails when it runs out uses it.
+HANG_GUARD_S = 1800 * float(os.environ.get("FCPTS_TEST_HANG_SCALE", "1"))
 
 
 class ServiceUnavailable(Exception):
@@ -257,7 +261,7 @@ class PostgresService(_Service):
             ],
             check=True,
             capture_output=True,
-            timeout=30,
+            timeout=HANG_GUARD_S,
             env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
         )
         return self.url_for(name)
@@ -273,7 +277,7 @@ class PostgresService(_Service):
             self.base_dir = None
 
 
-def start_postgres(tmpdir, *, timeout: float = 60.0) -> PostgresService:
+def start_postgres(tmpdir, *, timeout: float = HANG_GUARD_S) -> PostgresService:
     """initdb a fresh cluster, start ``postgres`` on a free loopback port, create the
     database ``fcpts``.
 
@@ -302,7 +306,7 @@ def start_postgres(tmpdir, *, timeout: float = 60.0) -> PostgresService:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=HANG_GUARD_S,
             **run_kw,
         )
 
@@ -356,7 +360,8 @@ def start_postgres(tmpdir, *, timeout: float = 60.0) -> PostgresService:
             try:
                 svc._wait_ready(
                     lambda pg_isready=pg_isready: (
-                        subprocess.run(pg_isready, check=False, timeout=10).returncode == 0
+                        subprocess.run(pg_isready, check=False, timeout=HANG_GUARD_S).returncode
+                        == 0
                     ),
                     timeout,
                     f"pg_isready on {HOST}:{port}",
@@ -421,7 +426,7 @@ class MotoService(_Service):
         )
 
 
-def start_moto(tmpdir, *, timeout: float = 30.0, env: dict | None = None) -> MotoService:
+def start_moto(tmpdir, *, timeout: float = HANG_GUARD_S, env: dict | None = None) -> MotoService:
     """``python -m moto.server`` on a free loopback port (the running interpreter's moto)."""
     tmpdir = Path(tmpdir)
     last_error: Exception | None = None
@@ -474,7 +479,7 @@ def start_mlflow_server(
     artifacts_destination: str | None = None,
     env: dict | None = None,
     *,
-    timeout: float = 120.0,
+    timeout: float = HANG_GUARD_S,
 ) -> MlflowService:
     """``mlflow server`` with one worker, serving artifacts from artifacts_destination
     (default: ``tmpdir/mlartifacts``); env is added to the server's environment (e.g.

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from services import HANG_GUARD_S
 
 from fcpts import checkpoint as ckpt
 from fcpts.core import sparsify
@@ -222,7 +223,7 @@ def _start(script: Path, checkpoints: Path, out: Path) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> None:
-    output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    output = proc.communicate(timeout=HANG_GUARD_S)[0].decode(errors="replace")
     assert proc.returncode == 0, output[-2000:]
 
 
@@ -253,14 +254,14 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
             kill_after = rng.randrange(resume_from + EVERY, last + 1, EVERY)
             delay = rng.uniform(0.0, 0.04)
             proc = _start(script, checkpoints, out)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + HANG_GUARD_S
             while proc.poll() is None and time.monotonic() < deadline:
                 if _checkpoint_iteration(file) >= kill_after:
                     time.sleep(delay)
                     break
                 time.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
+            proc.communicate(timeout=HANG_GUARD_S)
             kills.append((resume_from, kill_after, proc.returncode))
             assert not out.exists()
             assert _checkpoint_iteration(file) >= kill_after

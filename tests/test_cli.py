@@ -1,11 +1,13 @@
 """The fcpts command line: the contract other tools rely on, config files, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from bad_inputs import alias_bomb
 from conftest import run_fcpts
 from safetensors.torch import load_file, save_file
 
@@ -155,6 +157,90 @@ def test_config_file_equals_flags_and_flags_win(tmp_path, capsys):
     bad.write_text("targett: 0.5\n")
     assert main(["allocate", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown option 'targett'" in capsys.readouterr().err
+
+
+def _two_gib() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        f"target: {alias_bomb()}\n",
+        f"model: {alias_bomb()}\n",
+        f"settings: {{lam: {alias_bomb()}}}\n",
+    ],
+    ids=["target", "model", "settings"],
+)
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, config):
+    import subprocess
+    import sys
+
+    from services import HANG_GUARD_S
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(config)
+    assert path.stat().st_size < 1000
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcpts.cli",
+            "allocate",
+            "--config",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,  # a hang guard: the memory limit is what stops a blow-up
+        preexec_fn=_two_gib,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    _one_error_line(r.stderr, "its YAML aliases (*name) expand it to more than 1 MiB")
+    assert len(r.stderr) < 1000
+
+
+def test_yaml_aliases_within_the_budget_and_recursive_ones(tmp_path, capsys):
+    from fcpts.cli.config import load_config
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("model: &m demo:digits-cnn\nrun: {model: *m, target: 0.5}\n")
+    assert load_config(str(shared))["run"]["model"] == "demo:digits-cnn"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("settings: &s {lam: *s}\n")
+    assert main(["allocate", "--config", str(loop), "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys.readouterr().err, "a YAML alias refers to a value that contains it")
+
+
+def test_config_that_is_not_a_small_regular_file(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 110_000 + "target: 0.5\n")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    cases = {
+        big: "is larger than 1 MiB, the limit for a config file",
+        tmp_path: "is a folder, not a regular file",
+        "/dev/zero": "is a character device, not a regular file",
+        fifo: "is a named pipe (FIFO), not a regular file",
+        tmp_path / "missing.yaml": "does not exist",
+    }
+    for path, message in cases.items():
+        assert main(["allocate", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+        _one_error_line(capsys.readouterr().err, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_error_shows_a_bounded_value(tmp_path, capsys):
+    long = tmp_path / "long.yaml"
+    long.write_text("target: [" + ", ".join(["0.5"] * 50_000) + "]\n")
+    assert main(["allocate", "--config", str(long), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, "target must be a single float, got [0.5, 0.5")
+    assert len(err) < 500
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_local_output_of_a_killed_process_is_absent(tmp_path):
         "    (d / 'model.safetensors').write_bytes(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(dest)], timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code, str(dest)], timeout=services.HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL
     assert not dest.exists()
     with pytest.raises(UserError, match=r"output .*out does not exist: run the step"):

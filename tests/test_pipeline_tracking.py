@@ -207,7 +207,7 @@ def test_lower_sparsity_stays_challenger_then_promote_and_rollback(embedded, cap
                 stderr=subprocess.PIPE,
             )
         )
-    results = [p.communicate(timeout=240) + (p.returncode,) for p in procs]
+    results = [p.communicate(timeout=services.HANG_GUARD_S) + (p.returncode,) for p in procs]
     assert all(rc == 0 for _, _, rc in results), [err[-2000:] for _, err, _ in results]
     versions = client.search_model_versions(f"name = '{race}'")
     assert len(versions) == 2 and len({v.tags["source_run_id"] for v in versions}) == 2
@@ -289,7 +289,7 @@ def test_server_down_mid_pipeline_then_register_from(tmp_path):
             lines.append(line)
             if "[2/4] allocate done" in line:
                 first.stop()  # kills the server's process group (tests/services.py)
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=services.HANG_GUARD_S)
     err = "".join(lines)
     assert proc.returncode == 1, out + err
     assert "pipeline step evaluate failed" in err and first.tracking_uri in err, err

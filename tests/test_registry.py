@@ -17,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from services import HANG_GUARD_S  # noqa: E402
 
 from fcpts.core import sparsify  # noqa: E402
 from fcpts.demos import load_demo  # noqa: E402
@@ -247,10 +248,12 @@ def test_concurrent_registrations_leave_one_champion(server, request, sparse):
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
-        ready = sel.select(60) and proc.stdout.readline().strip() == "ready"
+        ready = sel.select(HANG_GUARD_S) and proc.stdout.readline().strip() == "ready"
         sel.close()
-        assert ready, proc.stderr.read() if proc.poll() is not None else "no answer in 60 s"
-        out, err = proc.communicate("go\n", timeout=120)
+        assert ready, (
+            proc.stderr.read() if proc.poll() is not None else f"no answer in {HANG_GUARD_S:.0f} s"
+        )
+        out, err = proc.communicate("go\n", timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -305,10 +308,11 @@ def test_decide_rules():
 def test_lock_excludes_then_breaks_when_stale(embedded_uri):
     store = Store(embedded_uri)
     name = f"lock-{uuid.uuid4().hex[:8]}"
-    with RegistryLock(store, name, timeout=5) as held:
+    with RegistryLock(store, name, timeout=HANG_GUARD_S) as held:
         with pytest.raises(ServiceError, match="could not take the registry lock"):
             RegistryLock(store, name, timeout=0.3).acquire()
-        breaker = RegistryLock(store, name, timeout=5, ttl=0.0)  # everything is stale to it
+        # everything is stale to it
+        breaker = RegistryLock(store, name, timeout=HANG_GUARD_S, ttl=0.0)
         breaker.acquire()
         with pytest.raises(ServiceError, match="lost the registry lock"):
             held.verify()

@@ -292,7 +292,7 @@ def test_wrong_credentials(tmp_path):
             method="POST",
             headers={"Content-Type": "text/plain"},  # not a form: moto reads the raw body
         )
-        urllib.request.urlopen(req, timeout=10).close()
+        urllib.request.urlopen(req, timeout=services.HANG_GUARD_S).close()
 
         def client(key_id, secret):
             return s3.make_client(

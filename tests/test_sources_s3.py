@@ -217,7 +217,7 @@ def test_wrong_credentials(tmp_path, monkeypatch):
             method="POST",
             headers={"Content-Type": "text/plain"},
         )
-        urllib.request.urlopen(req, timeout=10).close()
+        urllib.request.urlopen(req, timeout=services.HANG_GUARD_S).close()
         for k, v in moto.env().items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))

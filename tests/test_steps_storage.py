@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, run_fcpts
 from safetensors.torch import load_file
+from services import HANG_GUARD_S
 
 from fcpts.checkpoint import FILE_NAME
 from fcpts.steps import Sources, allocate, calibrate, evaluate, register
@@ -94,21 +95,21 @@ def test_allocate_resumes_after_sigkill(tmp_path):
     reference = _allocate_cli(cal, tmp_path / "reference")
     killed = _allocate_cli(cal, tmp_path / "resumed")
     checkpoint = tmp_path / "resumed.checkpoint" / FILE_NAME
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S
     while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
-    log = killed.communicate(timeout=30)[0]
+    log = killed.communicate(timeout=HANG_GUARD_S)[0]
     assert killed.returncode == -signal.SIGKILL, log  # killed, not finished
     assert checkpoint.exists() and not (tmp_path / "resumed").exists()
 
     other = _allocate_cli(cal, tmp_path / "resumed", "--resume", "--lam", "2")
-    log = other.communicate(timeout=180)[0]
+    log = other.communicate(timeout=HANG_GUARD_S)[0]
     assert other.returncode == 2 and "differing: settings" in log, log  # not its checkpoint
     resumed = _allocate_cli(cal, tmp_path / "resumed", "--resume")
-    log = resumed.communicate(timeout=180)[0]
+    log = resumed.communicate(timeout=HANG_GUARD_S)[0]
     assert resumed.returncode == 0 and "resuming from the checkpoint" in log, log
-    assert reference.communicate(timeout=180)[0] and reference.returncode == 0
+    assert reference.communicate(timeout=HANG_GUARD_S)[0] and reference.returncode == 0
     want, got = (tmp_path / n / "model.safetensors" for n in ("reference", "resumed"))
     assert got.read_bytes() == want.read_bytes()
     a, b = load_file(str(want)), load_file(str(got))

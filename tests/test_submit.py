@@ -11,17 +11,11 @@ import pytest
 import services
 import yaml
 
+from fcpts.cli import kfp_cluster
 from fcpts.cli import submit as sub
-from fcpts.cli.submit import (
-    CRON_HELP,
-    Parameter,
-    Schedule,
-    SubmitConfig,
-    check_host,
-    config_options,
-    parse_schedule,
-    pipeline_arguments,
-)
+from fcpts.cli.kfp_cluster import SubmitConfig, check_host
+from fcpts.cli.schedule import CRON_HELP, Schedule, parse_schedule
+from fcpts.cli.submit import Parameter, config_options, parameter_arguments, sparsify_arguments
 from fcpts.errors import ServiceError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +66,11 @@ def test_valid_schedules(text, want):
         ("@every 0s", "at least 1s"),
         ("@every 1.5s", "whole number of seconds"),
         ("@every tomorrow", "not a duration"),
+        # croniter takes these; KFP's robfig/cron does not
+        ("0 0 3 L * *", "'L' in the day of month field is not a number"),
+        ("0 0 3 * * 1#2", "'1#2' in the day of week field is not a number"),
+        ("0 0 3 * * 0-7", "7 in the day of week field is outside 0-6"),
+        ("0 0 22-2 * * *", "range '22-2' in the hours field runs backwards"),
     ],
 )
 def test_invalid_schedules(text, why):
@@ -128,7 +127,7 @@ def test_submit_config_validation():
 
 @pytest.fixture(scope="module")
 def sparsify_parameters():
-    return sub.pipeline_parameters(sub.load_pipeline("sparsify"))
+    return sub.pipeline_parameters(kfp_cluster.load_pipeline("sparsify"))
 
 
 def test_run_config_maps_to_sparsify_parameters(sparsify_parameters):
@@ -151,7 +150,8 @@ def test_run_config_maps_to_sparsify_parameters(sparsify_parameters):
         "run": {"target": 0.8, "seed": 3},  # the run section overrides the top level
         "allocate": {"out": "elsewhere"},  # other commands' sections are ignored
     }
-    args = pipeline_arguments(config_options(config), sparsify_parameters)
+    args = sparsify_arguments(config_options(config))
+    assert set(args) == set(sparsify_parameters)  # every parameter, as `fcpts run` passes them
     assert json.loads(args.pop("settings")) == {
         "schedule": "constant",
         "ste_width": 0.5,
@@ -162,7 +162,7 @@ def test_run_config_maps_to_sparsify_parameters(sparsify_parameters):
         "exclude": ["pooler.*", "classifier.*"],
         "bounds": {"encoder.*": [0.0, 0.9]},
     }
-    assert args == {
+    given = {
         "model": "s3://models/minilm/",
         "data": "s3://data/sentences.txt",
         "target": 0.8,
@@ -171,21 +171,27 @@ def test_run_config_maps_to_sparsify_parameters(sparsify_parameters):
         "recalibrate_bn": True,
         "seed": 3,
     }
-    assert pipeline_arguments({}, sparsify_parameters) == {}
+    assert {k: args[k] for k in given} == given
+    assert all(args[k] == sparsify_parameters[k].default for k in set(args) - set(given))
+    # no options: the pipeline's own defaults
+    assert sparsify_arguments({}) == {k: p.default for k, p in sparsify_parameters.items()}
 
 
-def test_config_mistakes_are_named(sparsify_parameters):
-    params = sparsify_parameters
+def test_config_mistakes_are_named():
     with pytest.raises(UserError, match="'targte' is not a parameter of the sparsify pipeline"):
-        pipeline_arguments({"targte": 0.5}, params)
-    with pytest.raises(UserError, match="config batch_size must be a whole number"):
-        pipeline_arguments({"batch_size": 3.5}, params)
-    with pytest.raises(UserError, match="config target must be a number"):
-        pipeline_arguments({"target": "high"}, params)
-    with pytest.raises(UserError, match="config recalibrate_bn must be true or false"):
-        pipeline_arguments({"recalibrate_bn": "yes"}, params)
+        sparsify_arguments({"targte": 0.5})
+    with pytest.raises(UserError, match="config file: batch_size must be a whole number"):
+        sparsify_arguments({"batch_size": 3.5})
+    with pytest.raises(UserError, match="config file: target must be a float, got 'high'"):
+        sparsify_arguments({"target": "high"})
+    with pytest.raises(UserError, match="config file: recalibrate_bn must be true or false"):
+        sparsify_arguments({"recalibrate_bn": "yes"})
+    with pytest.raises(UserError, match="'selection' is not a parameter of the sparsify pipeline"):
+        sparsify_arguments({"selection": "{}", "exclude": ["a"]})
     with pytest.raises(UserError, match="'selection' both directly and through its options"):
-        pipeline_arguments({"selection": "{}", "exclude": ["a"]}, params)
+        parameter_arguments(
+            {"selection": "{}", "exclude": ["a"]}, {"selection": Parameter("String")}
+        )
     with pytest.raises(UserError, match="section 'run' must be a mapping"):
         config_options({"run": ["target"]})
 
@@ -193,11 +199,11 @@ def test_config_mistakes_are_named(sparsify_parameters):
 def test_sweep_needs_storage():
     params = {"storage": Parameter("String", required=True), "trials": Parameter("Integer")}
     with pytest.raises(UserError, match="the sweep pipeline needs 'storage'"):
-        pipeline_arguments({"trials": 4}, params, "sweep")
+        parameter_arguments({"trials": 4}, params, "sweep")
     options = config_options(
         {"trials": 2, "sweep": {"trials": 4, "storage": "sqlite:///x"}}, "sweep"
     )
-    assert pipeline_arguments(options, params, "sweep") == {"storage": "sqlite:///x", "trials": 4}
+    assert parameter_arguments(options, params, "sweep") == {"storage": "sqlite:///x", "trials": 4}
 
 
 # ---------------------------------------------------------------------------- secrets
@@ -280,7 +286,7 @@ def test_submit_calls_kfp(tmp_path):
     package = _tiny_package(tmp_path / "tiny.yaml")
     client = FakeClient()
     config = SubmitConfig(host="http://kfp:8080", experiment="exp", run_name="r")
-    result = sub.submit(config, package, {"target": 0.7}, client=client)
+    result = kfp_cluster.submit(config, package, {"target": 0.7}, client=client)
     assert result == {
         "kind": "run",
         "id": "run-1",
@@ -302,7 +308,7 @@ def test_submit_calls_kfp(tmp_path):
         config = SubmitConfig(
             host="http://kfp:8080", schedule=parse_schedule(schedule), namespace="team-a"
         )
-        result = sub.submit(config, package, {}, client=client)
+        result = kfp_cluster.submit(config, package, {}, client=client)
         assert result["kind"] == "recurring run" and result["id"] == "job-1"
         assert client.calls[0] == ("experiment", "fcpts", "team-a")
         job = client.calls[1][1]
@@ -315,7 +321,7 @@ def test_unreachable_host_is_a_service_error(tmp_path):
     package = _tiny_package(tmp_path / "tiny.yaml")
     for schedule in (None, Schedule(cron="0 0 3 * * *")):
         with pytest.raises(ServiceError, match=f"cannot reach the KFP API at {host}"):
-            sub.submit(SubmitConfig(host=host, schedule=schedule), package, {})
+            kfp_cluster.submit(SubmitConfig(host=host, schedule=schedule), package, {})
 
     parser = argparse.ArgumentParser()
     sub.add_parsers(parser.add_subparsers(dest="command"))

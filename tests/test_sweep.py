@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from services import HANG_GUARD_S
 
 from fcpts import sweep as sw
 from fcpts.errors import UserError
@@ -223,9 +224,9 @@ def test_sqlite_workers_never_claim_one_enqueued_trial_twice(tmp_path):
     ]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=120) for _ in range(2 * rounds)]
+    results = [queue.get(timeout=HANG_GUARD_S) for _ in range(2 * rounds)]
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=HANG_GUARD_S)
     errors = [n for _, n in results if isinstance(n, str)]
     assert not errors
     numbers = [n for _, n in results]
