@@ -22,9 +22,9 @@ from .common import (  # noqa: F401  (re-exported: the CLI's names before it bec
     PIPELINE_STEPS,
     PROG,
     RUN_DEFAULT_TARGET,
-    _Formatter,
-    _one_line,
+    Formatter,
     allocator_settings,
+    one_line,
     selection_overrides,
 )
 from .config import apply_config, load_config  # noqa: F401
@@ -37,7 +37,7 @@ from .step_commands import cmd_allocate, cmd_calibrate, cmd_evaluate, cmd_regist
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="fcpts: make a trained PyTorch model sparse without retraining, at exactly the "
         "global sparsity you ask for, with a learned per-layer allocation.",
         epilog="Steps: calibrate -> allocate -> evaluate -> register; `run` does all four through the "
@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_config(args, parser)
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FcptsError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FCPTS_DEBUG"):
             traceback.print_exc()
         print(
-            f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (set FCPTS_DEBUG=1 for the traceback)",
+            f"{PROG}: error: {type(exc).__name__}: {one_line(exc)} (set FCPTS_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -1,5 +1,10 @@
 """The sparsify pipeline's arguments from ``fcpts run`` options: written once, used by
-``fcpts run`` (the KFP local runner) and ``fcpts submit`` (a KFP cluster)."""
+``fcpts run`` (the KFP local runner) and ``fcpts submit`` (a KFP cluster).
+
+The pipeline's parameters are derived from the declared options (pipelines/common.py),
+named as the options' flags, so each argument is the option of the same name; the method
+settings and the layer selection travel as the JSON ``settings`` and ``selection``.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,40 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .common import DEFAULT_TOLERANCE, RUN_DEFAULT_TARGET, _get, selection_overrides
+from .common import selection_overrides
 
-DEFAULT_MODEL = "demo:minilm"
-DEFAULT_EXPERIMENT = "fcpts"
+TRACKING_PARAMETERS = ("tracking_uri", "experiment", "pipeline_run_id")
 
 
 def pipeline_arguments(
-    args: argparse.Namespace, settings: Mapping[str, Any], tracking: Any = None
+    args: argparse.Namespace,
+    settings: Mapping[str, Any],
+    tracking: Any = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every parameter of the sparsify pipeline (pipelines/sparsify.py) from the options of
-    ``fcpts run``, the allocator ``settings`` built from them, and the run's tracking (a
-    :class:`~fcpts.steps.tracked.Tracking`, or None: no tracking)."""
+    """Every parameter of the sparsify pipeline, by name, from the options of ``fcpts run``:
+    the option's value, else the parameter's default (``parameters``: name -> default, by
+    default the sparsify pipeline's); ``settings`` are the allocator settings built from
+    the options; ``tracking`` is the run's :class:`~fcpts.steps.tracked.Tracking` (None:
+    no tracking)."""
+    if parameters is None:
+        from .pipeline import load_pipeline_module
+
+        inputs = load_pipeline_module().sparsify_pipeline.component_spec.inputs
+        parameters = {name: spec.default for name, spec in inputs.items()}
     selection = selection_overrides(args)
-    return {
-        "model": args.model or DEFAULT_MODEL,
-        "data": args.data or "",
-        "weights": args.weights or "",
-        "task": _get(args, "task", "auto"),
-        "target": float(RUN_DEFAULT_TARGET if args.target is None else args.target),
-        "method": _get(args, "method", "fcpts"),
-        "score": _get(args, "score", "auto"),
+    given = {
         "settings": json.dumps(dict(settings)),
         "selection": json.dumps(selection) if selection else "",
-        "calibration_samples": args.calibration_samples or 0,
-        "batch_size": args.batch_size or 0,
-        "evaluation_samples": args.evaluation_samples or 0,
-        "eval_batch_size": args.eval_batch_size or 0,
-        "seed": _get(args, "seed", 0),
-        "recalibrate_bn": bool(args.recalibrate_bn),
-        "tolerance": float(_get(args, "tolerance", DEFAULT_TOLERANCE)),
-        "registry": args.registry or "",
-        "name": args.name or "",
-        "image_size": args.image_size or 0,
-        "image_mode": _get(args, "image_mode", "RGB"),
-        "device": _get(args, "device", "auto"),
-        "tracking_uri": (tracking.uri or "") if tracking else "",
-        "experiment": (tracking.experiment if tracking else None) or DEFAULT_EXPERIMENT,
-        "pipeline_run_id": (tracking.pipeline_run_id or "") if tracking else "",
+        **{
+            name: (getattr(tracking, "uri" if name == "tracking_uri" else name) or "")
+            if tracking is not None
+            else ""
+            for name in TRACKING_PARAMETERS
+        },
     }
+    out = {}
+    for name, default in parameters.items():
+        value = given[name] if name in given else getattr(args, name, None)
+        out[name] = default if value is None or value == "" and default is not None else value
+    return out

@@ -1,5 +1,5 @@
 """Shared pieces of the ``fcpts`` command line: defaults, the help formatter, reading
-options (``_get``, ``_require``, selection and allocator settings) and messages."""
+options (``get_option``, ``require_options``, selection and allocator settings) and messages."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ DEFAULT_PIPELINE_FILE = "sparsify_pipeline.yaml"
 PIPELINE_STEPS = ("calibrate", "allocate", "evaluate", "register")
 
 
-class _Formatter(argparse.HelpFormatter):
+class Formatter(argparse.HelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
 
 
-def _get(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+def get_option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
     value = getattr(args, name, None)
     return default if value is None else value
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
+def require_options(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name, None) in (None, ""):
             raise UserError(f"--{name.replace('_', '-')} is required for `{PROG} {args.command}`")
@@ -83,7 +83,7 @@ def allocator_settings(args: argparse.Namespace, flags: bool = True) -> dict[str
     overriding the one before."""
     from .derive import given_allocator_settings
 
-    method = _get(args, "method", "fcpts")
+    method = get_option(args, "method", "fcpts")
     settings = dict(getattr(args, "settings", None) or {})
     for item in getattr(args, "settings_flags", None) or []:
         key, eq, value = str(item).partition("=")
@@ -109,35 +109,35 @@ def tracking_from_args(args: argparse.Namespace):
     )
 
 
-def _sources(args: argparse.Namespace):
+def sources_from_args(args: argparse.Namespace):
     from ..sources import Sources
 
     return Sources(
         model=args.model,
         data=args.data,
         weights=args.weights,
-        task=_get(args, "task", "auto"),
+        task=get_option(args, "task", "auto"),
         image_size=args.image_size,
-        image_mode=_get(args, "image_mode", "RGB"),
+        image_mode=get_option(args, "image_mode", "RGB"),
     )
 
 
-def _progress_enabled(args: argparse.Namespace) -> bool:
+def progress_enabled(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", None) and sys.stderr.isatty()
 
 
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
+def check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_allocation_options(
+def check_allocation_options(
     target: Any, method: str, settings: Mapping[str, Any], score: str | None
 ) -> None:
     from ..alloc import get_allocator
@@ -150,5 +150,5 @@ def _check_allocation_options(
         check_score(score)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(str(text).split()) or "error"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .common import DEFAULT_PIPELINE_FILE, PIPELINE_STEPS, _Formatter, _get, _say
+from .common import DEFAULT_PIPELINE_FILE, PIPELINE_STEPS, Formatter, get_option, say
 
 SWEEP_PIPELINE_FILE = "sweep_pipeline.yaml"
 
@@ -19,7 +19,7 @@ SWEEP_PIPELINE_FILE = "sweep_pipeline.yaml"
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "compile",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="write the pipelines as KFP v2 YAML",
         description="Compile pipelines/sparsify.py (calibrate -> allocate -> evaluate -> register "
         "if approved) and pipelines/sweep.py (an Optuna study with parallel workers, then the "
@@ -58,8 +58,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
     module = load_pipeline_module()
-    out = _writable(Path(_get(args, "out", DEFAULT_PIPELINE_FILE)))
-    sweep_out = _writable(Path(_get(args, "sweep_out", None) or out.parent / SWEEP_PIPELINE_FILE))
+    out = _writable(Path(get_option(args, "out", DEFAULT_PIPELINE_FILE)))
+    sweep_out = _writable(
+        Path(get_option(args, "sweep_out", None) or out.parent / SWEEP_PIPELINE_FILE)
+    )
     if sweep_out.resolve() == out.resolve():
         raise UserError("--out and --sweep-out name the same file: give two file names")
     from pipelines import sweep
@@ -118,7 +120,7 @@ _CACHED = re.compile(r"Task ([\w.-]+) cache hit")
 _ERROR = re.compile(r"fcpts\.errors\.(UserError|ServiceError|FcptsError): (.+)$")
 
 
-class _PipelineLog:
+class PipelineLog:
     """Stands in for sys.stdout while the local runner runs: writes everything to the log
     file, times each step from its start and finish lines, relays fcpts progress lines."""
 
@@ -162,19 +164,19 @@ class _PipelineLog:
             self.started[m[1]] = now
             self.current = m[1]
             if not self.verbose:
-                _say(f"{self._label(m[1])} ...")
+                say(f"{self._label(m[1])} ...")
         elif m := _FINISHED.search(line):
             self.finished[m[1]] = (now, m[2])
             if not self.verbose:
                 took = now - self.started.get(m[1], now)
                 verdict = "done" if m[2] == "SUCCESS" else "FAILED"
-                _say(f"{self._label(m[1])} {verdict} in {took:.1f} s")
+                say(f"{self._label(m[1])} {verdict} in {took:.1f} s")
         elif m := _CACHED.search(line):
             self.cached.add(m[1])
             if not self.verbose:
-                _say(f"{self._label(m[1])} cached (outputs of an earlier run reused)")
+                say(f"{self._label(m[1])} cached (outputs of an earlier run reused)")
         elif "[fcpts]" in line and not self.verbose:
-            _say("      " + line.split("[fcpts]", 1)[1].strip())
+            say("      " + line.split("[fcpts]", 1)[1].strip())
         if m := _ERROR.search(line):
             self.errors.append((m[1], m[2].strip()))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _Formatter, _get
+from .common import Formatter, get_option
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def _add_store(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "promote",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="make a version of a registered model its champion",
         description="Give the alias champion to VERSION of model NAME, whatever the automatic rule "
         "says; the previous champion stays in the history for `fcpts rollback`. The reason is "
@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "rollback",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="give the champion alias back to the previous champion",
         description="Move the alias champion of model NAME back to the previous champion (the "
         "registered model's fcpts.champion_history), e.g. after a bad promotion.",
@@ -68,8 +68,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         promote(
             args.name,
             _version(args.version),
-            tracking_uri=_get(args, "tracking_uri"),
-            reason=_get(args, "reason"),
+            tracking_uri=get_option(args, "tracking_uri"),
+            reason=get_option(args, "reason"),
         )
     )
     return 0
@@ -78,5 +78,5 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from ..tracking.registry import rollback
 
-    _report(rollback(args.name, tracking_uri=_get(args, "tracking_uri")))
+    _report(rollback(args.name, tracking_uri=get_option(args, "tracking_uri")))
     return 0

@@ -14,21 +14,22 @@ from typing import Any
 
 from ..errors import FcptsError, UserError
 from ..storage import is_s3_uri
+from .arguments import pipeline_arguments
 from .common import (
     DEFAULT_ROOT,
     DEFAULT_TOLERANCE,
     PIPELINE_STEPS,
     PROG,
     RUN_DEFAULT_TARGET,
-    _check_allocation_options,
-    _check_positive,
-    _Formatter,
-    _get,
-    _one_line,
-    _say,
-    _sources,
+    Formatter,
     allocator_settings,
+    check_allocation_options,
+    check_positive,
+    get_option,
+    one_line,
+    say,
     selection_overrides,
+    sources_from_args,
     tracking_from_args,
 )
 from .options import (
@@ -41,13 +42,13 @@ from .options import (
     add_sources,
     add_tracking,
 )
-from .pipeline import _PipelineLog, load_pipeline_module
+from .pipeline import PipelineLog, load_pipeline_module
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "run",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="run the whole pipeline with the KFP local runner",
         description="Run the sparsify pipeline (calibrate -> allocate -> evaluate -> register if "
         "approved) with Kubeflow Pipelines' local SubprocessRunner in this Python environment, then "
@@ -92,7 +93,7 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
     from ..steps.common import selection_from_dict
     from ..steps.register import check_tolerance, load_registry
 
-    sources = _sources(args)
+    sources = sources_from_args(args)
     src = sources.model.strip()
     if src.startswith(DEMO_PREFIX):
         if src.removeprefix(DEMO_PREFIX) not in DEMOS:
@@ -118,11 +119,11 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
         and not Path(sources.data).expanduser().exists()
     ):
         raise UserError(f"data file or folder {sources.data} does not exist")
-    _check_allocation_options(args.target, _get(args, "method", "fcpts"), settings, args.score)
-    check_tolerance(_get(args, "tolerance", DEFAULT_TOLERANCE))
+    check_allocation_options(args.target, get_option(args, "method", "fcpts"), settings, args.score)
+    check_tolerance(get_option(args, "tolerance", DEFAULT_TOLERANCE))
     selection_from_dict(selection_overrides(args))
     load_registry(args.registry)
-    _check_positive(
+    check_positive(
         args,
         "calibration_samples",
         "batch_size",
@@ -150,49 +151,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     module = load_pipeline_module()
     from kfp import local
 
-    root = Path(_get(args, "root", DEFAULT_ROOT)).expanduser().resolve()
+    root = Path(get_option(args, "root", DEFAULT_ROOT)).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise UserError(f"--root {root} is a file: give a folder for the pipeline's artifacts")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--root {root}: cannot create the folder ({exc.strerror})") from None
-    arguments = {
-        "model": args.model,
-        "data": args.data or "",
-        "weights": args.weights or "",
-        "task": _get(args, "task", "auto"),
-        "target": float(args.target),
-        "method": _get(args, "method", "fcpts"),
-        "score": _get(args, "score", "auto"),
-        "settings": json.dumps(settings),
-        "selection": json.dumps(selection_overrides(args)) if selection_overrides(args) else "",
-        "calibration_samples": args.calibration_samples or 0,
-        "batch_size": args.batch_size or 0,
-        "evaluation_samples": args.evaluation_samples or 0,
-        "eval_batch_size": args.eval_batch_size or 0,
-        "seed": _get(args, "seed", 0),
-        "recalibrate_bn": bool(args.recalibrate_bn),
-        "tolerance": float(_get(args, "tolerance", DEFAULT_TOLERANCE)),
-        "registry": args.registry or "",
-        "name": args.name or "",
-        "image_size": args.image_size or 0,
-        "image_mode": _get(args, "image_mode", "RGB"),
-        "device": _get(args, "device", "auto"),
-        "tracking_uri": tracking.uri if tracking else "",
-        "experiment": tracking.experiment if tracking else "fcpts",
-        "pipeline_run_id": tracking.pipeline_run_id if tracking else "",
-    }
     pipeline = module.build(retries=False)
+    arguments = pipeline_arguments(
+        args,
+        settings,
+        tracking,
+        {name: spec.default for name, spec in pipeline.component_spec.inputs.items()},
+    )
     iters = settings.get("iters")
-    _say(
+    say(
         f"{PROG} run: pipeline {module.PIPELINE_NAME} on the KFP local runner (SubprocessRunner, this Python), "
         f"{args.model} at target {args.target:g} with {arguments['method']}"
         + (f" ({iters} iterations)" if iters is not None else "")
         + f"; artifacts under {root}"
     )
     log_path = root / f".{module.PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log = _PipelineLog(log_path, bool(args.verbose), sys.stdout)
+    log = PipelineLog(log_path, bool(args.verbose), sys.stdout)
     real_stdout = sys.stdout
     pipeline_start = time.perf_counter()
     failure: BaseException | None = None
@@ -314,7 +295,7 @@ def tracking_summary(tracking) -> str:
             page = f"#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}"
             found = f", MLflow run {runs[0].info.run_id}"
     except ServiceError as exc:
-        found = f" (not readable now: {_one_line(exc)})"
+        found = f" (not readable now: {one_line(exc)})"
     lines = [
         f"mlflow: pipeline run {tracking.pipeline_run_id} in experiment {tracking.experiment}"
         f"{found}, store {store.safe_uri}"

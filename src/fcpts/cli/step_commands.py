@@ -10,15 +10,15 @@ from ..errors import UserError
 from ..storage import is_s3_uri
 from .common import (
     DEFAULT_TOLERANCE,
-    _check_allocation_options,
-    _check_positive,
-    _Formatter,
-    _get,
-    _progress_enabled,
-    _require,
-    _sources,
+    Formatter,
     allocator_settings,
+    check_allocation_options,
+    check_positive,
+    get_option,
+    progress_enabled,
+    require_options,
     selection_overrides,
+    sources_from_args,
     tracking_from_args,
 )
 from .derive import methods_help
@@ -38,7 +38,7 @@ from .options import (
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "calibrate",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="record calibration data, dense outputs and statistics",
         description="Resolve the model and the calibration data, check that they fit (one forward pass), "
         "and write a calibration folder: the batches, the dense model's reference outputs and, for "
@@ -59,7 +59,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "allocate",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="allocate the target sparsity and save the sparse model",
         description="Allocate the global target sparsity over the prunable layers with a method from "
         f"the registry ({methods_help()}) and write DIR/model.safetensors (the whole state_dict under "
@@ -90,7 +90,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="compare the sparse model with the dense one",
         description="Compare the sparse model with the dense one on held-out data disjoint from the "
         "calibration data: the task metric, the sparsity counted from the weights, size on disk "
@@ -117,7 +117,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "register",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="apply the approval gate and record the decision",
         description="Approve the sparse model if its quality drop versus dense is within --tolerance and "
         "its sparsity counted from the weights is exactly the target; write DIR/decision.json with the "
@@ -160,19 +160,19 @@ def add_parsers(sub) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..steps import calibrate
 
-    _require(args, "model", "out")
-    _check_positive(args, "calibration_samples", "batch_size", "image_size")
+    require_options(args, "model", "out")
+    check_positive(args, "calibration_samples", "batch_size", "image_size")
     _check_out(args.out)
     cal = calibrate(
-        _sources(args),
+        sources_from_args(args),
         args.out,
-        score=_get(args, "score", "auto"),
+        score=get_option(args, "score", "auto"),
         samples=args.calibration_samples,
         batch_size=args.batch_size,
-        seed=_get(args, "seed", 0),
+        seed=get_option(args, "seed", 0),
         selection=selection_overrides(args) or None,
-        device=_get(args, "device", "auto"),
-        progress_bar=_progress_enabled(args),
+        device=get_option(args, "device", "auto"),
+        progress_bar=progress_enabled(args),
         tracking=tracking_from_args(args),
     )
     info = cal.info
@@ -190,26 +190,26 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from .. import report
     from ..steps import allocate, calibrate
 
-    _require(args, "target", "out")
-    _check_positive(
+    require_options(args, "target", "out")
+    check_positive(
         args, "calibration_samples", "batch_size", "image_size", "iters", "checkpoint_every"
     )
     _check_out(args.out)
     settings = allocator_settings(args)
     common = {
         "target": args.target,
-        "method": _get(args, "method", "fcpts"),
+        "method": get_option(args, "method", "fcpts"),
         "settings": settings,
-        "seed": _get(args, "seed", 0),
-        "device": _get(args, "device", "auto"),
+        "seed": get_option(args, "seed", 0),
+        "device": get_option(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
-        "progress_bar": _progress_enabled(args),
-        "checkpoint_dir": _get(args, "checkpoint_dir", None),
-        "checkpoint_every": _get(args, "checkpoint_every", 25),
-        "resume": bool(_get(args, "resume", False)),
+        "progress_bar": progress_enabled(args),
+        "checkpoint_dir": get_option(args, "checkpoint_dir", None),
+        "checkpoint_every": get_option(args, "checkpoint_every", 25),
+        "resume": bool(get_option(args, "resume", False)),
     }
     selection = selection_overrides(args) or None
-    _check_allocation_options(common["target"], common["method"], settings, args.score)
+    check_allocation_options(common["target"], common["method"], settings, args.score)
     tracking = tracking_from_args(args)
     if args.calibration:
         if args.data:
@@ -231,16 +231,16 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             **common,
         )
     else:
-        _require(args, "model")
+        require_options(args, "model")
         from ..sources import resolve_model
 
         resolved = resolve_model(args.model, args.weights)
         tracking = tracking.resolve() if tracking is not None else None  # one id for both steps
         with tempfile.TemporaryDirectory(prefix="fcpts-calibration-") as tmp:
             cal = calibrate(
-                _sources(args),
+                sources_from_args(args),
                 tmp,
-                score=_get(args, "score", "auto"),
+                score=get_option(args, "score", "auto"),
                 samples=args.calibration_samples,
                 batch_size=args.batch_size,
                 seed=common["seed"],
@@ -270,8 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..steps import evaluate
     from ..steps.common import input_folder
 
-    _require(args, "model", "sparse", "out")
-    _check_positive(args, "evaluation_samples", "eval_batch_size", "image_size")
+    require_options(args, "model", "sparse", "out")
+    check_positive(args, "evaluation_samples", "eval_batch_size", "image_size")
     _check_out(args.out)
     tolerance = args.tolerance
     if tolerance is not None:
@@ -279,16 +279,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         tolerance = check_tolerance(tolerance)
     result = evaluate(
-        _sources(args),
+        sources_from_args(args),
         args.sparse,
         args.out,
         samples=args.evaluation_samples,
         batch_size=args.eval_batch_size,
         seed=args.seed,
-        device=_get(args, "device", "auto"),
+        device=get_option(args, "device", "auto"),
         tolerance=tolerance,
-        latency_seconds=_get(args, "latency_seconds", 1.0),
-        progress_bar=_progress_enabled(args),
+        latency_seconds=get_option(args, "latency_seconds", 1.0),
+        progress_bar=progress_enabled(args),
         tracking=tracking_from_args(args),
     )
     manifest = read_manifest(input_folder(args.sparse))
@@ -307,7 +307,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .. import report
     from ..steps import register
 
-    tolerance = _get(args, "tolerance", DEFAULT_TOLERANCE)
+    tolerance = get_option(args, "tolerance", DEFAULT_TOLERANCE)
     tracking = tracking_from_args(args)
     if args.from_path:
         from ..steps.backfill import register_from
@@ -325,7 +325,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             registry=args.registry,
         )
     else:
-        _require(args, "metrics", "sparse", "out")
+        require_options(args, "metrics", "sparse", "out")
         result = register(
             args.metrics,
             args.sparse,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .common import PROG, _Formatter, _say
+from .common import PROG, Formatter, say
 from .kfp_cluster import DEFAULT_EXPERIMENT, PIPELINES, SubmitConfig, load_pipeline, submit
 from .schedule import CRON_HELP, parse_schedule
 
@@ -30,8 +30,22 @@ PIPELINE_SECTION = {"sparsify": "run", "sweep": "sweep"}
 # options of `fcpts run` / `fcpts sweep` that only concern this machine, and of submit itself
 LOCAL_KEYS = frozenset({"root", "cache", "verbose", "quiet", "out", "config"})
 SUBMIT_KEYS = frozenset({"host", "schedule", "experiment", "pipeline", "run_name", "namespace"})
-SETTINGS_KEYS = ("settings", "settings_flags", "iters", "lam", "joint")
-SELECTION_KEYS = ("include", "exclude", "keep_dense", "bounds", "min_sparsity", "max_sparsity")
+
+
+def settings_keys() -> tuple[str, ...]:
+    """The options that fold into the JSON ``settings``: the config's mapping, ``--set``
+    and every declared method setting (:mod:`fcpts.alloc.declared`)."""
+    from ..alloc.declared import method_settings
+
+    return ("settings", "settings_flags", *(s.dest for _, s in method_settings()))
+
+
+def selection_keys() -> tuple[str, ...]:
+    """The options that fold into the JSON ``selection``: the layer selection's fields."""
+    from ..core import LayerSelection
+    from ..settings import declared
+
+    return tuple(s.dest for s in declared(LayerSelection))
 
 
 @dataclass(frozen=True)
@@ -121,22 +135,20 @@ def _folded(options: Mapping[str, Any]) -> dict[str, Any]:
     from .common import allocator_settings, selection_overrides
 
     out: dict[str, Any] = {}
-    if any(options.get(k) is not None for k in SETTINGS_KEYS):
+    if any(options.get(k) is not None for k in settings_keys()):
         settings = options.get("settings") or {}
         if not isinstance(settings, Mapping):
             raise UserError("config settings must be a mapping of allocator settings")
         flags = options.get("settings_flags")
         ns = argparse.Namespace(
-            settings=dict(settings),
-            settings_flags=_strings("settings_flags", flags) if flags is not None else None,
-            iters=options.get("iters"),
-            lam=options.get("lam"),
-            joint=options.get("joint"),
+            **{k: options.get(k) for k in settings_keys()},
             method=options.get("method"),
         )
+        ns.settings = dict(settings)
+        ns.settings_flags = _strings("settings_flags", flags) if flags is not None else None
         out["settings"] = allocator_settings(ns)
-    if any(options.get(k) is not None for k in SELECTION_KEYS):
-        values = {k: options.get(k) for k in SELECTION_KEYS}
+    if any(options.get(k) is not None for k in selection_keys()):
+        values = {k: options.get(k) for k in selection_keys()}
         for key in ("include", "exclude", "keep_dense", "bounds"):
             if values[key] is not None:
                 values[key] = _strings(key, values[key])
@@ -177,7 +189,7 @@ def parameter_arguments(
     folded = _folded(given)
     arguments: dict[str, Any] = {}
     for key, value in given.items():
-        if key in SETTINGS_KEYS or key in SELECTION_KEYS:
+        if key in settings_keys() or key in selection_keys():
             continue
         if key not in parameters:
             raise UserError(
@@ -203,7 +215,7 @@ def parameter_arguments(
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "submit",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="run the pipeline on a Kubeflow Pipelines cluster, once or on a schedule",
         description="Compile the sparsify (or sweep) pipeline and create a run on a KFP cluster, "
         "or with --schedule a recurring run, in --experiment. Pipeline parameters come from "
@@ -243,11 +255,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options = config_options(load_config(path) if path else {}, config.pipeline)
     pipeline = load_pipeline(config.pipeline)
     if config.pipeline == "sparsify":  # fail here, not in a pod: same checks as fcpts run
-        from .common import _check_allocation_options
+        from .common import check_allocation_options
 
         arguments = sparsify_arguments(options, path or "file")
         settings = json.loads(arguments["settings"])
-        _check_allocation_options(
+        check_allocation_options(
             arguments["target"], arguments["method"], settings, arguments["score"]
         )
     else:
@@ -257,7 +269,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         compiler.Compiler().compile(pipeline, str(package))
         result = submit(config, package, arguments)
     when = f" on schedule {args.schedule!r}" if config.schedule is not None else ""
-    _say(
+    say(
         f"{PROG} submit: {config.pipeline} pipeline as {result['kind']} {result['name']}{when} in experiment {config.experiment}"
     )
     print(f"{result['kind']} {result['id']}: {result['url']}")

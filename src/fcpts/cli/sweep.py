@@ -21,7 +21,7 @@ from ..steps.options import (
     RunOptions,
     TrackingOptions,
 )
-from .common import _get, allocator_settings
+from .common import allocator_settings, get_option
 from .derive import add_group
 
 COMMAND = "sweep"
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
 
         selection_from_json(args.selection)  # a UserError names a bad field
         selection = json.loads(args.selection)  # only the fields given: the rest stay the source's
-    grace = int(_get(args, "grace", sweep.DEFAULT_GRACE))
+    grace = int(get_option(args, "grace", sweep.DEFAULT_GRACE))
     if grace < 4:
         raise UserError(f"--grace must be >= 4 seconds, got {grace}")
     if getattr(args, "quiet", None):
@@ -272,14 +272,14 @@ def run(args: argparse.Namespace) -> int:
         args.trials,
         storage=args.storage,
         study_name=args.study,
-        workers=_get(args, "workers", 1),
+        workers=get_option(args, "workers", 1),
         out_dir=args.out,
-        seed=_get(args, "seed", 0),
+        seed=get_option(args, "seed", 0),
         tracking_uri=args.tracking_uri,
         weights=args.weights,
-        task=_get(args, "task", "auto"),
+        task=get_option(args, "task", "auto"),
         image_size=args.image_size,
-        image_mode=_get(args, "image_mode", "RGB"),
+        image_mode=get_option(args, "image_mode", "RGB"),
         space=args.space,
         settings=_settings(args),
         selection=selection,
@@ -287,13 +287,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         validation_samples=args.validation_samples,
         eval_batch_size=args.eval_batch_size,
-        report_every=_get(args, "report_every", 20),
-        pruner_startup_trials=_get(args, "pruner_startup", 3),
+        report_every=get_option(args, "report_every", 20),
+        pruner_startup_trials=get_option(args, "pruner_startup", 3),
         pruner_warmup_steps=args.pruner_warmup,
-        baseline=_get(args, "baseline", True),
-        device=_get(args, "device", "auto"),
+        baseline=get_option(args, "baseline", True),
+        device=get_option(args, "device", "auto"),
         threads=args.threads,
-        experiment=_get(args, "experiment", sweep.DEFAULT_EXPERIMENT),
+        experiment=get_option(args, "experiment", sweep.DEFAULT_EXPERIMENT),
         heartbeat_interval=max(1, grace // 4),
         grace_period=grace,
     )
