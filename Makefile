@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 docs: $(STAMP)
-	$(PY) -m fcpts.docs README.md
+	$(PY) -m fcpts.cli.docs README.md
 	$(PY) -m components.build
 	$(PY) tests/bad_inputs.py --write docs/bad-inputs.md
 

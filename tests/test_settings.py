@@ -20,7 +20,7 @@ from fcpts.alloc.declared import method_settings, param_values
 from fcpts.cli import build_parser
 from fcpts.cli.common import allocator_settings
 from fcpts.cli.config import apply_config
-from fcpts.docs import render_readme
+from fcpts.cli.docs import render_readme
 from fcpts.errors import UserError
 from fcpts.settings import Declared, Opt, Search, check_value, declared, markdown_table
 from fcpts.sweep.space import SearchSpace, searched_settings
