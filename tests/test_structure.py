@@ -233,3 +233,103 @@ def test_unit_mask_of_wrong_length_is_a_user_error():
         expand_masks(model, units, {"encoder.layer.0.heads": torch.tensor([1, 0, 1])})
     with pytest.raises(UserError, match="unknown unit group"):
         shrink(model, units, {"nope": torch.tensor([1])})
+
+
+# --- costs: params, flops (MACs per sample), bytes ---
+
+
+class Hand(nn.Module):
+    """Conv2d(1, 2, 3) on a 5x5 input -> 2x3x3 = 18 features -> Linear(18, 4) -> Linear(4, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(18, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_costs_by_hand():
+    from safetensors.torch import save_model
+
+    from fcpts.structure.cost import model_cost, profile, unit_cost
+
+    model = Hand().eval()
+    x = torch.randn(4, 1, 5, 5)
+    cost = model_cost(model, (x,))
+    # params: conv 2*9 + 2 = 20, fc 18*4 + 4 = 76, out 4*3 + 3 = 15
+    assert cost.params == 111
+    # MACs per sample: conv 18 weights x 9 output pixels = 162, fc 72, out 12
+    assert cost.flops == 246
+    assert profile(model, (x,)).positions == {"conv": 9, "fc": 1, "out": 1}
+    # bytes: 8-byte header length + JSON header + 111 float32 values, as written
+    import struct
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, f"{tmp}/m.safetensors")
+        with open(f"{tmp}/m.safetensors", "rb") as f:
+            header = struct.unpack("<Q", f.read(8))[0]
+    assert cost.bytes == 8 + header + 111 * 4
+    units = find_units(model, (x,))
+    conv, fc = units.group("conv"), units.group("fc")
+    assert {b.name for b in units.blocked} == {"out"}
+    prof = profile(model, (x,))
+    # one conv channel: its 9 weights + bias, and 4 x 9 columns of fc; MACs 9*9 + 36
+    assert [unit_cost(model, conv, b, prof) for b in ("params", "flops", "bytes")] == [
+        46,
+        117,
+        184,
+    ]
+    # one fc neuron: 18 weights + bias, and one column of out; MACs 18 + 3
+    assert [unit_cost(model, fc, b, prof) for b in ("params", "flops", "bytes")] == [22, 21, 88]
+    small = shrink(model, units, {"conv": torch.tensor([0, 1]), "fc": torch.tensor([1, 0, 1, 1])})
+    small_cost = model_cost(small, (x,))
+    # the removed channel's 9 columns of the removed fc neuron are counted in both units
+    assert (small_cost.params, small_cost.flops) == (111 - 46 - 22 + 9, 246 - 117 - 21 + 9)
+
+
+def test_bert_flops_match_torch_flop_counter():
+    """The hooks count every Linear and the two attention matmuls: torch's FlopCounterMode
+    (2 FLOPs per MAC, batch 3) agrees on the tiny BERT, and removed units save exactly their
+    cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fcpts.structure.cost import model_cost, profile, unit_cost
+
+    model = tiny_bert()
+    batch = bert_batch()
+    prof = profile(model, (), batch)
+    # per layer: q, k, v, o 4 x 16*16 x 7 tokens, QK^T and AV 2 x 7*7*16, FFN 2 x 16*24 x 7;
+    # pooler 16*16 on the first token
+    assert prof.macs == 2 * (4 * 16 * 16 * 7 + 2 * 7 * 7 * 16 + 2 * 16 * 24 * 7) + 16 * 16
+    # torch's counter does not see inside CPU sdpa: count the eager attention (plain matmuls)
+    model.set_attn_implementation("eager")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**batch)
+    assert counter.get_total_flops() == 2 * prof.macs * 3
+    model.set_attn_implementation("sdpa")
+    units = find_units(model)
+    keep = {
+        "encoder.layer.0.heads": torch.tensor([1, 0, 0, 1]),
+        "encoder.layer.1.ffn": torch.arange(24) >= 5,
+    }
+    small = shrink(model, units, keep)
+    full, cut = model_cost(model, (), batch), model_cost(small, (), batch)
+    for budget in ("params", "flops"):
+        saved = 2 * unit_cost(model, units.group("encoder.layer.0.heads"), budget, prof)
+        saved += 5 * unit_cost(model, units.group("encoder.layer.1.ffn"), budget, prof)
+        assert full.of(budget) - cut.of(budget) == saved
+    # 2 heads x (q, k, v: 4 rows x 16 + 4 biases; o: 16 x 4 columns), 5 neurons x (16 + 1 + 16)
+    assert full.params - cut.params == 2 * (3 * (16 * 4 + 4) + 16 * 4) + 5 * 33
+    assert 0 < full.bytes - cut.bytes - 4 * (full.params - cut.params) < 100
+
+
+def test_unknown_budget_is_a_user_error():
+    from fcpts.structure.cost import model_cost
+
+    with pytest.raises(UserError, match="unknown budget 'latency'"):
+        model_cost(Hand(), (torch.randn(1, 1, 5, 5),)).of("latency")
