@@ -23,36 +23,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .units import Blocked, Member, UnitGroup, UnitMap
 
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
+_ACTIVATIONS = tuple(
+    getattr(nn, n)
+    for n in "ReLU ReLU6 GELU SiLU Sigmoid Tanh Hardswish Hardsigmoid LeakyReLU ELU Mish "
+    "Identity Dropout Dropout1d Dropout2d".split()
 )
-_POOLS = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
+_POOLS = tuple(
+    getattr(nn, f"{kind}{d}d")
+    for kind in ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool")
+    for d in (1, 2, 3)
 )
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
