@@ -1,0 +1,1 @@
+"""Formats that run without fcpts: ONNX for onnxruntime."""

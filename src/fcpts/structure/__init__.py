@@ -1,0 +1,1 @@
+"""Structured units (heads, FFN neurons, channels): find them, cost them, cut them out."""
