@@ -203,3 +203,80 @@ def test_argparse_derivation_of_a_bool_gives_both_forms():
     parser.add_argument(on.flag, **argparse_kwargs(on))
     assert parser.parse_args(["--no-on"]).on is False
     assert parser.parse_args([]).on is None
+
+
+# ------------------------------------------------------------------- the steps' options
+
+COMMAND_GROUPS = {
+    # command: the option groups whose every CLI-visible field it takes
+    "calibrate": ("Sources", "CalibrationOptions", "LayerSelection", "TrackingOptions", "RunOptions"),
+    "allocate": ("Sources", "CalibrationOptions", "AllocationOptions", "LayerSelection",
+                 "CheckpointOptions", "TrackingOptions", "RunOptions"),
+    "evaluate": ("Sources", "EvaluationOptions", "GateOptions", "TrackingOptions", "RunOptions"),
+    "register": ("GateOptions", "RegistryOptions", "TrackingOptions"),
+    "run": ("Sources", "CalibrationOptions", "AllocationOptions", "LayerSelection",
+            "EvaluationOptions", "GateOptions", "RegistryOptions", "TrackingOptions", "RunOptions"),
+}  # fmt: skip
+
+
+def _groups():
+    from fcpts.cli.docs import option_groups
+
+    return {group.__name__: group for _, group in option_groups()}
+
+
+def _option_cases():
+    groups = _groups()
+    return [
+        (command, setting)
+        for command, names in COMMAND_GROUPS.items()
+        for name in names
+        for setting in declared(groups[name])
+        if setting.opt.cli
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "setting"), _option_cases(), ids=lambda v: getattr(v, "dest", v)
+)
+def test_every_step_option_has_its_flag_config_key_and_readme_row(command, setting, tmp_path):
+    import yaml
+
+    if setting.type is dict:
+        words, value = [setting.flag, "x.*=0:0.5"], ["x.*=0:0.5"]
+    elif setting.type is str and not setting.opt.choices:
+        words, value = [setting.flag, "text"], "text"
+    elif setting.type is int and setting.optional:
+        words, value = [setting.flag, "7"], 7
+    else:
+        words, value = sample(setting)
+    args = build_parser().parse_args([command, *words])
+    got = getattr(args, setting.dest)
+    assert (list(got) if isinstance(got, list) and setting.type is tuple else got) == (
+        list(value) if isinstance(value, tuple) else value
+    )
+    config = tmp_path / "c.yaml"
+    shown = list(value) if isinstance(value, tuple) else value
+    config.write_text(yaml.safe_dump({setting.dest: shown}))
+    parser = build_parser()
+    from_file = parser.parse_args([command, "--config", str(config)])
+    apply_config(from_file, parser)
+    assert getattr(from_file, setting.dest) == got
+    assert f"| `{setting.flag}` |" in (ROOT / "README.md").read_text()
+
+
+def test_every_kfp_visible_step_option_is_a_parameter_of_its_components():
+    from components.build import STEPS, component
+    from fcpts.steps.options import PipelineOptions
+
+    groups = set(_groups().values()) | {PipelineOptions}
+    for name, step in STEPS.items():
+        inputs = component(name).component_spec.inputs
+        for item in step.groups:
+            group, only = item if isinstance(item, tuple) else (item, None)
+            assert group in groups | {
+                __import__("fcpts.steps.options").steps.options.PipelineOptions
+            }
+            for setting in declared(group):
+                if setting.opt.kfp and (only is None or setting.dest in only):
+                    assert setting.dest in inputs, (name, setting.dest)

@@ -27,6 +27,11 @@ SELECTION_HELP = (
 )
 
 
+def add_output(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--out``: the folder (or ``s3://`` prefix) a command writes."""
+    p.add_argument("--out", metavar="DIR", default=None, help=help_text)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     g = add_group(p, RunOptions, "general")
     g.add_argument(

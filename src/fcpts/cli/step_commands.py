@@ -29,6 +29,7 @@ from .options import (
     add_common,
     add_evaluation,
     add_gate,
+    add_output,
     add_selection,
     add_sources,
     add_tracking,
@@ -48,12 +49,7 @@ def add_parsers(sub) -> None:
     add_sources(p)
     add_calibration(p)
     add_selection(p)
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="calibration folder to write, or s3://bucket/prefix (required)",
-    )
+    add_output(p, "calibration folder to write, or s3://bucket/prefix (required)")
     add_tracking(p)
     add_common(p)
 
@@ -78,12 +74,7 @@ def add_parsers(sub) -> None:
     add_calibration(p)
     add_allocator(p, target_required=True)
     add_selection(p)
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="sparse model folder to write, or s3://bucket/prefix (required)",
-    )
+    add_output(p, "sparse model folder to write, or s3://bucket/prefix (required)")
     add_checkpoints(p)
     add_tracking(p)
     add_common(p)
@@ -106,12 +97,7 @@ def add_parsers(sub) -> None:
     )
     add_evaluation(p, samples_alias=True)
     add_gate(p, registry=False, gate_optional=True)
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="folder for metrics.json and the reports, or s3://bucket/prefix (required)",
-    )
+    add_output(p, "folder for metrics.json and the reports, or s3://bucket/prefix (required)")
     add_tracking(p)
     add_common(p)
 
@@ -147,12 +133,7 @@ def add_parsers(sub) -> None:
         "it (idempotent: no second version for the same run)",
     )
     add_gate(p, registry=True)
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="folder for decision.json (required; with --from: default DIR/register/decision)",
-    )
+    add_output(p, "folder for decision.json (required; with --from: default DIR/register/decision)")
     add_tracking(p)
     add_common(p)
 
