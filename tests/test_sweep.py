@@ -5,6 +5,7 @@ Small on purpose: demo:digits-cnn, 64 calibration samples, 20-24 iterations, one
 thread per worker (the test machine may be busy).
 """
 
+import dataclasses
 import json
 import shutil
 import time
@@ -18,6 +19,7 @@ from services import HANG_GUARD_S
 
 from fcpts import sweep as sw
 from fcpts.errors import UserError
+from fcpts.sources import Sources
 
 MODEL = "demo:digits-cnn"
 TARGET = 0.7
@@ -36,9 +38,16 @@ SMALL = {
 CONTRACT = ("value", "params", "trial", "score", "baseline", "metric", "trials", "study")
 
 
-def _sweep(out, trials, **kwargs):
+SPEC_FIELDS = {f.name for f in dataclasses.fields(sw.SweepSpec)}
+
+
+def _sweep(out, trials, target=TARGET, **kwargs):
+    """A sweep of the digits demo: ``kwargs`` are SweepSpec fields or run_sweep options."""
     options = dict(SMALL, **kwargs)
-    return sw.run_sweep(MODEL, None, TARGET, trials, out_dir=out, **options)
+    spec = {k: options.pop(k) for k in list(options) if k in SPEC_FIELDS}
+    space = sw.SearchSpace.from_overrides(spec.pop("space", None)).to_dict()
+    spec = sw.SweepSpec(sources=Sources(model=MODEL), target=target, space=space, **spec)
+    return sw.run_sweep(spec, trials, out_dir=out, **options)
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +118,9 @@ def test_two_workers_share_a_postgres_study(postgres, mlflow_sqlite_server, tmp_
 
 def _fake_spec_study(storage):
     study = optuna.create_study(study_name="fake", storage=storage, direction="maximize")
-    study.set_user_attr(sw.ATTR_SPEC, sw.SweepSpec(model=MODEL, target=TARGET).to_dict())
+    study.set_user_attr(
+        sw.ATTR_SPEC, sw.SweepSpec(sources=Sources(model=MODEL), target=TARGET).to_dict()
+    )
     study.set_user_attr(sw.ATTR_METRIC, "top1")
     return study
 
@@ -156,7 +167,9 @@ def test_an_off_target_trial_is_never_best(tmp_path):
     assert json.loads((tmp_path / "out" / "best.json").read_text())["trial"] == 2
     # no feasible complete trial at all: no best.json, an error that says so
     only_bad = optuna.create_study(study_name="bad", storage=storage, direction="maximize")
-    only_bad.set_user_attr(sw.ATTR_SPEC, sw.SweepSpec(model=MODEL, target=TARGET).to_dict())
+    only_bad.set_user_attr(
+        sw.ATTR_SPEC, sw.SweepSpec(sources=Sources(model=MODEL), target=TARGET).to_dict()
+    )
     only_bad.add_trial(_trial(0.99, 0.5))
     with pytest.raises(sw.FcptsError, match="no feasible complete trial"):
         sw.finish_sweep(storage, "bad", tmp_path / "bad", plot=False)
@@ -272,9 +285,7 @@ def test_resume_continues_numbering_and_fails_stale_trials(first_sweep, tmp_path
 def test_resume_with_other_options_is_refused(first_sweep):
     out, result = first_sweep
     with pytest.raises(UserError, match="target"):
-        sw.run_sweep(
-            MODEL, None, 0.5, 1, study_name=result.study_name, out_dir=out, tracking_uri="", **SMALL
-        )
+        _sweep(out, 1, target=0.5, study_name=result.study_name, tracking_uri="")
 
 
 # -------------------------------------------------------------------- best.json

@@ -49,10 +49,12 @@ def sweep_prepare(
     0..workers-1. ``space`` is a JSON object of search ranges ({"iters": "50:200"});
     ``settings`` fixes other fcpts settings; empty strings and zeros mean defaults.
     """
+    inputs = dict(locals())
     import json
 
     from fcpts.errors import UserError
     from fcpts.steps import settings_from_json
+    from fcpts.steps.entry import sources as kfp_sources
     from fcpts.sweep import SearchSpace, SweepSpec, prepare_study, shared_storage
 
     if workers < 1:
@@ -60,13 +62,8 @@ def sweep_prepare(
     if not study.strip():
         raise UserError("give the study a name: every worker opens it by that name")
     spec = SweepSpec(
-        model=model,
+        sources=kfp_sources(inputs),
         target=target,
-        data=data or None,
-        weights=weights or None,
-        task=task,
-        image_size=image_size or None,
-        image_mode=image_mode,
         seed=seed,
         calibration_samples=calibration_samples or None,
         batch_size=batch_size or None,

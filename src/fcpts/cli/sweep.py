@@ -22,7 +22,7 @@ from ..steps.options import (
     TrackingOptions,
 )
 from .common import allocator_settings, get_option
-from .derive import add_group
+from .derive import add_group, given
 
 COMMAND = "sweep"
 DESCRIPTION = """\
@@ -265,29 +265,27 @@ def run(args: argparse.Namespace) -> int:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = sweep.SweepSpec(
+        sources=Sources(**given(args, Sources)),
+        target=args.target,
+        seed=get_option(args, "seed", 0),
+        calibration_samples=args.calibration_samples,
+        batch_size=args.batch_size,
+        validation_samples=args.validation_samples,
+        eval_batch_size=args.eval_batch_size,
+        selection=selection or {},
+        settings=_settings(args),
+        space=sweep.SearchSpace.from_overrides(args.space).to_dict(),
+        report_every=get_option(args, "report_every", 20),
+    )
     result = sweep.run_sweep(
-        args.model,
-        args.data,
-        args.target,
+        spec,
         args.trials,
         storage=args.storage,
         study_name=args.study,
         workers=get_option(args, "workers", 1),
         out_dir=args.out,
-        seed=get_option(args, "seed", 0),
         tracking_uri=args.tracking_uri,
-        weights=args.weights,
-        task=get_option(args, "task", "auto"),
-        image_size=args.image_size,
-        image_mode=get_option(args, "image_mode", "RGB"),
-        space=args.space,
-        settings=_settings(args),
-        selection=selection,
-        calibration_samples=args.calibration_samples,
-        batch_size=args.batch_size,
-        validation_samples=args.validation_samples,
-        eval_batch_size=args.eval_batch_size,
-        report_every=get_option(args, "report_every", 20),
         pruner_startup_trials=get_option(args, "pruner_startup", 3),
         pruner_warmup_steps=args.pruner_warmup,
         baseline=get_option(args, "baseline", True),

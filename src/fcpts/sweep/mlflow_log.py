@@ -66,8 +66,8 @@ class Tracker:
         )
         run_id = run.info.run_id
         params = {
-            "model": spec.model,
-            "data": spec.data or "",
+            "model": spec.sources.model,
+            "data": spec.sources.data or "",
             "target": spec.target,
             "seed": spec.seed,
             "study": study.study_name,

@@ -82,7 +82,7 @@ def load_context(spec: SweepSpec, device: str = "auto") -> Context:
     from ..steps.common import selection_from_dict
     from ..tasks import ClassifierTask, EncoderTask, to_device
 
-    sources = spec.sources()
+    sources = spec.sources
     model = resolve_model(sources.model, sources.weights)
     if model.scripted:
         raise UserError(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..sources import Sources
 from .common import (
     ALLOCATE_FILE,
     ATTR_BASELINE,
@@ -124,8 +125,8 @@ def finish_sweep(
         "format": FORMAT,
         "study": study_name,
         "storage": redact_url(storage),
-        "model": spec.model,
-        "data": spec.data,
+        "model": spec.sources.model,
+        "data": spec.sources.data,
         "target": spec.target,
         "method": "fcpts",
         "seed": spec.seed,
@@ -194,22 +195,24 @@ def finish_sweep(
 
 def allocate_config(best: Mapping[str, Any], spec: SweepSpec) -> dict[str, Any]:
     """A ``--config`` file for ``fcpts allocate`` that reproduces the best trial."""
+    defaults = Sources(model=spec.sources.model)
     config: dict[str, Any] = {
-        "model": spec.model,
+        # the sources' fields that differ from their defaults, by their option names
+        **{
+            k: v
+            for k, v in spec.sources.to_dict().items()
+            if k == "model" or v != getattr(defaults, k)
+        },
         "target": spec.target,
         "method": "fcpts",
         "score": best["score"],
         "seed": spec.seed,
         "settings": best["params"],
     }
-    for key in ("data", "weights", "image_size", "calibration_samples", "batch_size"):
+    for key in ("calibration_samples", "batch_size"):
         value = getattr(spec, key)
         if value is not None:
             config[key] = value
-    if spec.task != "auto":
-        config["task"] = spec.task
-    if spec.image_mode != "RGB":
-        config["image_mode"] = spec.image_mode
     sel = spec.selection or {}
     for key in ("include", "exclude", "keep_dense"):
         if sel.get(key):

@@ -7,7 +7,6 @@ import contextlib
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from ..errors import FcptsError, UserError
 from .common import BEST_FILE, DEFAULT_EXPERIMENT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, tracking_uri_of
 from .mlflow_log import Tracker
 from .results import finish_sweep
-from .space import SearchSpace, SweepSpec
+from .space import SweepSpec
 from .storage import storage_url
 from .worker import prepare_study, run_worker, torch_threads
 
@@ -52,29 +51,14 @@ def _worker_main(kwargs: dict[str, Any]) -> None:
 
 
 def run_sweep(
-    model_src: str,
-    data_src: str | None = None,
-    target: float = 0.5,
+    spec: SweepSpec,
     trials: int = 20,
     storage: str | os.PathLike | None = None,
     study_name: str | None = None,
     workers: int = 1,
     out_dir: str | os.PathLike = "sweep",
-    seed: int = 0,
     tracking_uri: str | None = None,
     *,
-    weights: str | None = None,
-    task: str = "auto",
-    image_size: int | None = None,
-    image_mode: str = "RGB",
-    space: SearchSpace | Mapping[str, Any] | Sequence[str] | None = None,
-    settings: Mapping[str, Any] | None = None,
-    selection: Mapping[str, Any] | None = None,
-    calibration_samples: int | None = None,
-    batch_size: int | None = None,
-    validation_samples: int | None = None,
-    eval_batch_size: int | None = None,
-    report_every: int = 20,
     pruner_startup_trials: int = 3,
     pruner_warmup_steps: int | None = None,
     baseline: bool = True,
@@ -85,14 +69,14 @@ def run_sweep(
     grace_period: int = DEFAULT_GRACE,
     plot: bool = True,
 ) -> SweepResult:
-    """Run ``trials`` more trials of the study (created on first use, resumed after) with
-    ``workers`` processes, then write ``out_dir/best.json`` for the whole study.
+    """Run ``trials`` more trials of the study of ``spec`` (the sources, target, search
+    space and fixed settings; created on first use, resumed after) with ``workers``
+    processes, then write ``out_dir/best.json`` for the whole study.
 
     ``storage``: None for ``out_dir/study.db`` (SQLite), a path to a SQLite file, or a
     SQLAlchemy URL; ``workers > 1`` spawns processes that share the study through it
-    (SQLite suits a few local workers; use PostgreSQL across machines). ``space``
-    overrides search ranges (``{"iters": "20:30"}``); ``settings`` fixes other fcpts
-    settings. ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``; none: no MLflow).
+    (SQLite suits a few local workers; use PostgreSQL across machines).
+    ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``; none: no MLflow).
     """
     trials = int(trials)
     workers = int(workers)
@@ -100,26 +84,6 @@ def run_sweep(
         raise UserError(f"--trials must be >= 0, got {trials}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
-    if not isinstance(space, SearchSpace):
-        space = SearchSpace.from_overrides(space)
-    spec = SweepSpec(
-        model=model_src,
-        target=target,
-        data=data_src or None,
-        weights=weights or None,
-        task=task,
-        image_size=image_size or None,
-        image_mode=image_mode,
-        seed=int(seed),
-        calibration_samples=calibration_samples or None,
-        batch_size=batch_size or None,
-        validation_samples=validation_samples or None,
-        eval_batch_size=eval_batch_size or None,
-        selection=dict(selection or {}),
-        settings=dict(settings or {}),
-        space=space.to_dict(),
-        report_every=int(report_every),
-    )
     url = storage_url(storage, out_dir)
     uri = tracking_uri_of(tracking_uri)
     with torch_threads(threads):

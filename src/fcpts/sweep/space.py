@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..settings import Declared, declared
+from ..sources import Sources
 
 SCORES = ("magnitude", "wanda")
 
@@ -164,13 +165,8 @@ def _as_int(value: Any) -> int:
 class SweepSpec:
     """What a study optimises: stored in the study, so every worker runs the same thing."""
 
-    model: str
+    sources: Sources
     target: float
-    data: str | None = None
-    weights: str | None = None
-    task: str = "auto"
-    image_size: int | None = None
-    image_mode: str = "RGB"
     seed: int = 0
     calibration_samples: int | None = None
     batch_size: int | None = None
@@ -185,8 +181,8 @@ class SweepSpec:
         from ..landing import check_target
 
         object.__setattr__(self, "target", float(check_target(self.target)))
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise UserError("no model source given: pass --model (e.g. demo:digits-cnn)")
+        if isinstance(self.sources, Mapping):
+            object.__setattr__(self, "sources", Sources.from_dict(self.sources))
         clash = sorted(set(self.settings) & set(swept()))
         if clash:
             raise UserError(
@@ -209,23 +205,16 @@ class SweepSpec:
     def search_space(self) -> SearchSpace:
         return SearchSpace.from_overrides(self.space)
 
-    def sources(self):
-        from ..sources import Sources
-
-        return Sources(
-            model=self.model,
-            data=self.data,
-            weights=self.weights,
-            task=self.task,
-            image_size=self.image_size,
-            image_mode=self.image_mode,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
+        """A spec from :meth:`to_dict` (or from a study made before the sources were
+        nested: their fields at the top level)."""
+        data = dict(data)
+        if "sources" not in data:
+            data["sources"] = {k: data[k] for k in Sources.__dataclass_fields__ if k in data}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

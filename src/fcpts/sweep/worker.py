@@ -64,7 +64,7 @@ def prepare_study(
 
     from ..alloc import get_allocator
 
-    study_name = study_name or default_study_name(spec.model, spec.target)
+    study_name = study_name or default_study_name(spec.sources.model, spec.target)
     base_params, clipped = spec.search_space.baseline()
     # unknown or invalid fixed settings fail here, not in every trial
     get_allocator("fcpts", **spec.settings, **{k: base_params[k] for k in swept()})
