@@ -9,7 +9,10 @@ every proposal exactly on the target (see :mod:`fcpts.landing`), so no method ca
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import time
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,10 +68,16 @@ class LayerResult:
     numel: int
     zeros: int
     threshold: float
+    existing: int = 0  # weights that were zero already (all among the zeros)
 
     @property
     def sparsity(self) -> float:
         return self.zeros / self.numel
+
+    @property
+    def empty(self) -> bool:
+        """Pruned to 100%: the layer passes nothing on."""
+        return self.zeros == self.numel
 
 
 @dataclass
@@ -101,6 +110,11 @@ class Allocation:
     def sparsities(self) -> dict[str, float]:
         return {layer.name: layer.sparsity for layer in self.layers}
 
+    @property
+    def empty_layers(self) -> list[str]:
+        """The layers pruned to 100%."""
+        return [layer.name for layer in self.layers if layer.empty]
+
 
 class Allocator(ABC):
     """Base of every allocation method. Subclasses set ``name`` and ``Config``."""
@@ -126,6 +140,8 @@ class Allocator(ABC):
                 f"allocator {self.name!r} has no setting {unknown[0]!r}; "
                 f"its settings are: {', '.join(sorted(known)) or '(none)'}"
             )
+        types = typing.get_type_hints(self.Config)
+        settings = {k: typed_setting(self.name, k, types.get(k), v) for k, v in settings.items()}
         try:
             self.config = self.Config(**settings)
         except TypeError as exc:
@@ -136,20 +152,27 @@ class Allocator(ABC):
         """Per-layer sparsities or thresholds for ``problem.target``."""
 
     def allocate(self, problem: Problem) -> Allocation:
-        """Propose, then land exactly on round(target x N) zeros within the bounds."""
+        """Propose, then land exactly on round(target x N) zeros within the bounds.
+
+        Weights that are zero already, in the weights the allocation writes (the
+        proposal's reconstructed ones, or the problem's), count among the zeros.
+        """
         target = landing.check_target(problem.target)
-        k = landing.check_feasible(target, problem.layers)
+        landing.check_feasible(target, problem.layers, landing.zero_counts(problem.weights))
         start = time.perf_counter()
         proposal = self.propose(problem)
-        ordered = landing.sorted_scores(problem.scores)
+        allocation = self.land(problem, proposal, target)
+        allocation.seconds = time.perf_counter() - start
+        return allocation
+
+    def land(self, problem: Problem, proposal: Proposal, target: float) -> Allocation:
+        """The masks of ``proposal`` landed exactly, and the figures that describe them."""
+        zeros = {name: w == 0 for name, w in written_weights(problem, proposal).items()}
+        existing = {name: int(z.sum()) for name, z in zeros.items()}
+        k = landing.check_feasible(target, problem.layers, existing)
+        ordered = landing.sorted_scores(problem.scores, zeros)
         values = {name: v for name, (v, _) in ordered.items()}
-        if proposal.thresholds is not None:
-            keys = landing.keys_from_thresholds(values, proposal.thresholds)
-        elif proposal.sparsities is not None:
-            keys = landing.keys_from_sparsities(values, proposal.sparsities)
-        else:
-            raise RuntimeError(f"allocator {self.name!r} proposed nothing")
-        counts = landing.land_counts(keys, problem.layers, k)
+        counts = landing.land_counts(self.keys(proposal, values), problem.layers, k, existing)
         masks = landing.masks_from_counts(
             {name: o for name, (_, o) in ordered.items()},
             counts,
@@ -160,7 +183,11 @@ class Allocator(ABC):
             c = counts[layer.name]
             v = values[layer.name]
             threshold = float(v[c - 1]) if c > 0 else float("nan")
-            layers.append(LayerResult(layer.name, layer.shape, layer.numel, c, threshold))
+            layers.append(
+                LayerResult(
+                    layer.name, layer.shape, layer.numel, c, threshold, existing[layer.name]
+                )
+            )
         return Allocation(
             method=self.name,
             score=problem.score_kind,
@@ -171,8 +198,97 @@ class Allocator(ABC):
             weights=proposal.weights,
             params=proposal.params,
             history=proposal.history,
-            seconds=time.perf_counter() - start,
         )
+
+    def keys(self, proposal: Proposal, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Landing keys of each layer's sorted scores, from what the proposal set."""
+        if proposal.thresholds is not None:
+            return landing.keys_from_thresholds(values, proposal.thresholds)
+        if proposal.sparsities is not None:
+            return landing.keys_from_sparsities(values, proposal.sparsities)
+        raise RuntimeError(f"allocator {self.name!r} proposed nothing")
+
+
+def written_weights(problem: Problem, proposal: Proposal) -> dict[str, torch.Tensor]:
+    """The weights the allocation will write before masking: the proposal's reconstructed
+    ones in the model's dtype where it has them, else the problem's."""
+    out = {}
+    for layer in problem.layers:
+        w = problem.weights[layer.name]
+        if proposal.weights and layer.name in proposal.weights:
+            w = proposal.weights[layer.name].detach().to(w.device, w.dtype)
+        out[layer.name] = w
+    return out
+
+
+def _kind(annotation: Any) -> tuple[str, Callable[[Any], Any]] | None:
+    """What a setting of this type must be, in words, and a check that converts a value
+    (raising ValueError), or None for types not checked here."""
+
+    def number(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        return float(value)
+
+    def integer(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        if value != int(value):
+            raise ValueError
+        return int(value)
+
+    def strings(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        return tuple(value)
+
+    def exactly(kind: type) -> Callable[[Any], Any]:
+        def check(value: Any) -> Any:
+            if not isinstance(value, kind):
+                raise ValueError
+            return value
+
+        return check
+
+    if annotation is float:
+        return "a number", number
+    if annotation is int:
+        return "a whole number", integer
+    if annotation is bool:
+        return "true or false", exactly(bool)
+    if annotation is str:
+        return "a string", exactly(str)
+    if typing.get_origin(annotation) is tuple:
+        return "a list of strings", strings
+    return None
+
+
+def _abridged(value: Any, limit: int = 80) -> str:
+    """A short repr of ``value``, however large or deeply nested it is."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxdict, shown.maxstring = 3, 4, 4, limit
+    text = shown.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def typed_setting(method: str, name: str, annotation: Any, value: Any) -> Any:
+    """``value`` checked against the setting's declared type (int, float, bool, str, a
+    tuple of strings; ``X | None`` also takes None) and converted to it."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(annotation)):
+            return None
+        annotation = args[0] if len(args) == 1 else None
+    kind = _kind(annotation)
+    if kind is None:
+        return value
+    words, check = kind
+    try:
+        return check(value)
+    except (ValueError, OverflowError):
+        raise UserError(
+            f"{method} setting {name} must be {words}, got {_abridged(value)}"
+        ) from None
 
 
 def get_allocator(name: str, **settings: Any) -> Allocator:
