@@ -309,7 +309,6 @@ def summary(
     rows: list[tuple[str, str]] = []
     if manifest is not None:
         how = f"{manifest.get('method')} (score {manifest.get('score')}"
-        how += f", task {(metrics or {}).get('task') or manifest.get('task')}"
         if manifest.get("iterations"):
             how += f", {manifest['iterations']} iterations"
         how += f", {manifest.get('seconds', 0):.1f} s)"
@@ -371,8 +370,9 @@ def summary(
             rows.append((f"  {name}", shown + (f"  {note}" if note else "")))
         if total is not None:
             rows.append(("  total", f"{total:6.1f} s"))
-    if manifest is None and metrics is not None and metrics.get("task"):
-        rows.insert(0, ("task", str(metrics["task"])))
+    task = next((d["task"] for d in (metrics, manifest, decision) if d and d.get("task")), None)
+    if task is not None:
+        rows.insert(2 if manifest is not None else 0, ("task", str(task)))
     width = max((len(k) for k, _ in rows), default=0)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"note: {n}" for n in notes]
