@@ -15,17 +15,12 @@ from .layers import LayerSpec
 from .tasks import Task, to_device
 
 
-@torch.no_grad()
 def count_sparsity(model: nn.Module, layers: Sequence[LayerSpec]) -> dict[str, Any]:
     """Zeros per layer and overall, counted from the weights themselves."""
-    per_layer = {}
-    zeros = total = 0
-    for layer in layers:
-        w = model.get_submodule(layer.name).weight
-        z = int((w == 0).sum())
-        per_layer[layer.name] = {"zeros": z, "numel": w.numel(), "sparsity": z / w.numel()}
-        zeros += z
-        total += w.numel()
+    found = state_zeros(model.state_dict(), [layer.name for layer in layers])
+    zeros = sum(c["zeros"] for c in found)
+    total = sum(c["numel"] for c in found)
+    per_layer = {c["name"]: {k: c[k] for k in ("zeros", "numel", "sparsity")} for c in found}
     return {"zeros": zeros, "prunable": total, "sparsity": zeros / total, "layers": per_layer}
 
 
