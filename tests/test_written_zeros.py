@@ -15,7 +15,7 @@ from torch import nn
 from fcpts import report
 from fcpts.alloc import METHODS, Problem, get_allocator
 from fcpts.alloc.uniform import Uniform
-from fcpts.core import sparsify
+from fcpts.core import LayerSelection, sparsify
 from fcpts.errors import UserError
 from fcpts.layers import find_prunable
 from fcpts.sparse_model import apply_allocation, manifest, save_sparse
@@ -211,3 +211,18 @@ def test_settings_converted_to_their_types():
     with pytest.raises(UserError, match=r"lam must be a number, got \[\[\[") as err:
         get_allocator("fcpts", lam=nested)
     assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("method", ["uniform", "erk", "fcpts"])
+def test_existing_zeros_in_a_keep_dense_layer_count(method, tmp_path):
+    model = _model_with_zeros()  # layer 5 is all zeros: kept dense, its 24 zeros stay
+    selection = LayerSelection(keep_dense=("5",))
+    settings = {"iters": 3} if method == "fcpts" else None
+    alloc = sparsify(
+        model, 0.5, method=method, task=Task(), batches=_batches(), selection=selection,
+        settings=settings,
+    )  # fmt: skip
+    save_sparse(apply_allocation(model, alloc), manifest(alloc), tmp_path)
+    written, data = _written_zeros(tmp_path)
+    assert written == math.floor(0.5 * alloc.prunable + 0.5) == data["zeros"]
+    assert data["layers"][-1]["zeros"] == 24 and data["exact"]
