@@ -163,6 +163,13 @@ ROWS = (
         "allocate --model demo:digits-cnn --target 0.5 --calibration-samples -5 --out {ws}/out",
         "--calibration-samples must be positive",
     ),
+    Row(
+        "setting-wrong-type",
+        "settings",
+        "an allocator setting of the wrong type (a list for a number)",
+        "allocate --model demo:digits-cnn --target 0.5 --set lam=[1,2] --out {ws}/out",
+        "fcpts setting lam must be a number, got [1, 2]",
+    ),
     # model sources
     Row(
         "demo-unknown",

@@ -159,7 +159,7 @@ def test_declared_reads_function_signatures():
     [
         ("rate", 2, 2.0),
         ("steps", 4.0, 4),
-        ("names", "x", ("x",)),
+        ("names", ["x"], ("x",)),
         ("size", None, None),
         ("mode", "b", "b"),
     ],
@@ -174,7 +174,7 @@ def test_check_value_converts(name, value, expected):
     [
         ("rate", [1, 2], "rate must be a number, got \\[1, 2\\]"),
         ("rate", True, "must be a number"),
-        ("steps", 2.5, "must be an integer"),
+        ("steps", 2.5, "must be a whole number"),
         ("on", "yes", "must be true or false"),
         ("mode", "c", "must be one of a, b"),
         ("names", [1], "must be a list of strings"),

@@ -15,7 +15,7 @@ from .alloc import Allocation, Problem, get_allocator
 from .alloc.base import Callback
 from .checkpoint import CheckpointConfig, Checkpointer
 from .errors import UserError
-from .landing import check_feasible, check_target
+from .landing import check_feasible, check_target, zero_counts
 from .layers import LayerSpec, find_prunable
 from .scores import check_score, collect_input_norms, compute_scores, needs_activations
 from .settings import Opt
@@ -89,6 +89,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def _weights(model: nn.Module, layers: Sequence[LayerSpec]) -> dict[str, torch.Tensor]:
+    return {layer.name: model.get_submodule(layer.name).weight.detach() for layer in layers}
+
+
 def sparsify(
     model: nn.Module,
     target: float,
@@ -136,7 +140,7 @@ def sparsify(
     allocator = get_allocator(method, **dict(settings or {}))
     selection = selection or LayerSelection()
     layers = selection.find(model)
-    check_feasible(target, layers)
+    check_feasible(target, layers, zero_counts(_weights(model, layers)))
     dev = resolve_device(device)
     if batches is not None and len(batches) == 0:
         raise UserError("the calibration set is empty: give at least one calibration sample")
@@ -147,7 +151,7 @@ def sparsify(
         input_norms = collect_input_norms(
             model_dev, layers, [to_device(b, dev) for b in batches], task.run
         )
-    weights = {layer.name: model.get_submodule(layer.name).weight.detach() for layer in layers}
+    weights = _weights(model, layers)
     scores = compute_scores(weights, layers, score, input_norms)
     problem = Problem(
         layers=layers,

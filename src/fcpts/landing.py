@@ -6,6 +6,9 @@ so that "prune every weight whose key is below a shared offset" reproduces the p
 at offset zero. Landing then prunes the K = round(S* x N) weights with the smallest keys,
 subject to each layer's count bounds: a closed-form version of bisecting one shared
 offset of all log-thresholds, with ties broken by layer order then by score order.
+
+Weights that are already zero (in the weights that will be written) are pruned first:
+each layer's fewest zeros include them, so the written weights hold exactly K zeros.
 """
 
 from __future__ import annotations
@@ -36,12 +39,38 @@ def check_target(target: float) -> float:
     return target
 
 
-def check_feasible(target: float, layers: Sequence[LayerSpec]) -> int:
-    """K for this target, or a UserError naming the bounds that make it unreachable."""
+def zero_counts(weights: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """How many entries of each weight are exactly zero."""
+    return {name: int((w == 0).sum()) for name, w in weights.items()}
+
+
+def count_bounds(
+    layers: Sequence[LayerSpec], existing: Mapping[str, int] | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Fewest and most zeros per layer: the layer's bounds, raised to its ``existing``
+    zeros (a weight that is already zero stays zero, whatever the bounds say)."""
+    existing = existing or {}
+    lo = {layer.name: max(layer.min_zeros(), existing.get(layer.name, 0)) for layer in layers}
+    hi = {layer.name: max(layer.max_zeros(), existing.get(layer.name, 0)) for layer in layers}
+    return lo, hi
+
+
+def check_feasible(
+    target: float, layers: Sequence[LayerSpec], existing: Mapping[str, int] | None = None
+) -> int:
+    """K for this target, or a UserError naming the bounds (or the zeros already in the
+    weights, ``existing`` per layer) that make it unreachable."""
     k = target_zeros(target, layers)
     total = sum(layer.numel for layer in layers)
-    lo = sum(layer.min_zeros() for layer in layers)
-    hi = sum(layer.max_zeros() for layer in layers)
+    lo_by, hi_by = count_bounds(layers, existing)
+    lo, hi = sum(lo_by.values()), sum(hi_by.values())
+    if k < lo and k >= sum(layer.min_zeros() for layer in layers):
+        have = sum((existing or {}).values())
+        raise UserError(
+            f"target {target} asks for {k} zeros but the weights already hold {have} zeros "
+            f"({have / total:.4f} of the prunable weights), which stay zero: raise the target "
+            f"to at least {math.ceil(lo / total * 1e4) / 1e4:g}"
+        )
     if k < lo:
         binding = [layer.name for layer in layers if layer.min_sparsity > 0]
         raise UserError(
@@ -59,13 +88,25 @@ def check_feasible(target: float, layers: Sequence[LayerSpec]) -> int:
 
 
 def sorted_scores(
-    scores: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor], zeros: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: scores sorted ascending (stable) and the flat indices of that order."""
+    """Per layer: scores sorted ascending (stable) and the flat indices of that order.
+
+    ``zeros`` marks weights that are already zero: they score the layer's lowest (0 for
+    non-negative scores) and come first among equal scores, so they are pruned first.
+    """
     out = {}
     for name, s in scores.items():
-        values, order = torch.sort(s.detach().reshape(-1).float(), stable=True)
-        out[name] = (values, order)
+        flat = s.detach().reshape(-1).float()
+        zero = None if zeros is None else zeros[name].reshape(-1).to(flat.device)
+        if zero is None or not bool(zero.any()):
+            values, order = torch.sort(flat, stable=True)
+            out[name] = (values, order)
+            continue
+        flat = flat.masked_fill(zero, min(0.0, float(flat.min())))
+        first = torch.argsort((~zero).to(torch.int8), stable=True)
+        order = first[torch.sort(flat[first], stable=True).indices]
+        out[name] = (flat[order], order)
     return out
 
 
@@ -93,14 +134,17 @@ def keys_from_thresholds(
 
 
 def land_counts(
-    keys: Mapping[str, torch.Tensor], layers: Sequence[LayerSpec], k: int
+    keys: Mapping[str, torch.Tensor],
+    layers: Sequence[LayerSpec],
+    k: int,
+    existing: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Zeros per layer: the k smallest keys overall, within each layer's bounds.
+    """Zeros per layer: the k smallest keys overall, within each layer's bounds and at
+    least its ``existing`` zeros (which :func:`sorted_scores` put first).
 
     ``keys[name]`` must be non-decreasing (keys of the layer's sorted scores).
     """
-    lo = {layer.name: layer.min_zeros() for layer in layers}
-    hi = {layer.name: layer.max_zeros() for layer in layers}
+    lo, hi = count_bounds(layers, existing)
     counts = dict(lo)
     remaining = k - sum(lo.values())
     if remaining < 0 or remaining > sum(hi[n] - lo[n] for n in hi):

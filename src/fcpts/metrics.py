@@ -2,29 +2,60 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .layers import LayerSpec
 from .tasks import Task, to_device
 
 
-@torch.no_grad()
 def count_sparsity(model: nn.Module, layers: Sequence[LayerSpec]) -> dict[str, Any]:
     """Zeros per layer and overall, counted from the weights themselves."""
-    per_layer = {}
-    zeros = total = 0
-    for layer in layers:
-        w = model.get_submodule(layer.name).weight
-        z = int((w == 0).sum())
-        per_layer[layer.name] = {"zeros": z, "numel": w.numel(), "sparsity": z / w.numel()}
-        zeros += z
-        total += w.numel()
+    found = state_zeros(model.state_dict(), [layer.name for layer in layers])
+    zeros = sum(c["zeros"] for c in found)
+    total = sum(c["numel"] for c in found)
+    per_layer = {c["name"]: {k: c[k] for k in ("zeros", "numel", "sparsity")} for c in found}
     return {"zeros": zeros, "prunable": total, "sparsity": zeros / total, "layers": per_layer}
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+@torch.no_grad()
+def state_zeros(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Zeros per prunable layer (by module name), counted in a state_dict's weights."""
+    out = []
+    for name in names:
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            raise UserError(f"the sparse model has no weight {key!r} that its manifest lists")
+        w = state[key]
+        zeros = int((w == 0).sum())
+        out.append(
+            {"name": name, "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+        )
+    return out
+
+
+def sparsity_figures(layers: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
+    """The global figures of per-layer counts: zeros, prunable, achieved sparsity, whether
+    it is exactly round(target x N), and the layers pruned to 100%."""
+    zeros = sum(layer["zeros"] for layer in layers)
+    prunable = sum(layer["numel"] for layer in layers)
+    return {
+        "achieved_sparsity": zeros / prunable,
+        "zeros": zeros,
+        "prunable": prunable,
+        "exact": zeros == round_half_up(target * prunable),
+        "empty_layers": [layer["name"] for layer in layers if layer["zeros"] == layer["numel"]],
+    }
 
 
 @torch.no_grad()

@@ -20,7 +20,26 @@ def densest_layers(layers: Sequence[Mapping[str, Any]], k: int = 3) -> list[Mapp
 
 
 def sparsest_layers(layers: Sequence[Mapping[str, Any]], k: int = 3) -> list[Mapping[str, Any]]:
+    """The ``k`` layers pruned hardest (highest sparsity; larger layers first on ties)."""
     return sorted(layers, key=lambda layer: (-layer["sparsity"], -layer["numel"]))[:k]
+
+
+def empty_layers(layers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The layers pruned to 100% (every weight zero)."""
+    return [layer["name"] for layer in layers if layer["zeros"] == layer["numel"]]
+
+
+def empty_warning(layers: Sequence[Mapping[str, Any]]) -> str | None:
+    """A warning line when any layer is pruned to 100%, else None."""
+    names = empty_layers(layers)
+    if not names:
+        return None
+    shown = ", ".join(n or "(root)" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return (
+        f"WARNING: {len(names)} layer(s) pruned to 100% (every weight zero): {shown}; "
+        "nothing passes through them (a dead model if one is on the only path): keep them "
+        "dense (--keep-dense) or cap their sparsity (--max-sparsity, --bounds)"
+    )
 
 
 def chart(
@@ -107,10 +126,10 @@ def sparsity_line(
     return f"target {target:g}, achieved {achieved:.6f} ({zeros:,} of {prunable:,} prunable weights are zero){tail}"
 
 
-def layers_line(layers: Sequence[Mapping[str, Any]], k: int = 3) -> str:
-    return ", ".join(
-        f"{layer['name']} {layer['sparsity']:.3f}" for layer in densest_layers(layers, k)
-    )
+def layers_line(layers: Sequence[Mapping[str, Any]], k: int = 3, emptiest: bool = False) -> str:
+    """The ``k`` densest layers (or with ``emptiest`` the sparsest) and their sparsities."""
+    pick = sparsest_layers if emptiest else densest_layers
+    return ", ".join(f"{layer['name']} {layer['sparsity']:.3f}" for layer in pick(layers, k))
 
 
 def size_line(size: Mapping[str, Any]) -> str:
@@ -138,8 +157,10 @@ def decision_line(decision: Mapping[str, Any]) -> str:
 def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """The report as (kind, content) blocks, rendered to Markdown or HTML."""
     ev = metrics.get("evaluation", {})
+    warning = empty_warning(metrics["layers"])
     blocks: list[tuple[str, Any]] = [
         ("h1", f"fcpts evaluation: {metrics.get('model', {}).get('source', '')}"),
+        *([("p", warning)] if warning else []),
         (
             "table",
             [
@@ -173,7 +194,8 @@ def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[t
                     metrics.get("exact"),
                 )
                 + "; counted from the saved weights.",
-                f"Method {manifest.get('method')}, score {manifest.get('score')}"
+                f"Method {manifest.get('method')}, score {manifest.get('score')}, "
+                f"task {metrics.get('task') or manifest.get('task')}"
                 + (
                     f", {manifest.get('iterations')} iterations"
                     if manifest.get("iterations")
@@ -186,6 +208,7 @@ def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[t
                 f"Size: {size_line(metrics['size'])}.",
                 f"Latency: {latency_line(metrics['latency'])}. Unstructured zeros need a sparse kernel to run faster.",
                 f"Kept densest: {layers_line(metrics['layers'], 5)}.",
+                f"Pruned hardest: {layers_line(metrics['layers'], 5, emptiest=True)}.",
             ],
         ),
     ]
@@ -267,6 +290,12 @@ def render_html(
 # ------------------------------------------------------------------------ summaries
 
 
+def _layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    rows = [("densest", layers_line(layers)), ("emptiest", layers_line(layers, emptiest=True))]
+    warning = empty_warning(layers)
+    return rows + ([("warning", warning)] if warning else [])
+
+
 def summary(
     manifest: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
@@ -274,8 +303,9 @@ def summary(
     timings: Sequence[tuple[str, float | None, str]] | None = None,
     notes: Sequence[str] = (),
 ) -> str:
-    """The readable end-of-command summary: target vs achieved, quality vs dense, the
-    layers kept densest, and what else is known."""
+    """The readable end-of-command summary: the method and the task, target vs achieved,
+    quality vs dense, the layers kept densest and pruned hardest (a warning line for any
+    pruned to 100%), and what else is known."""
     rows: list[tuple[str, str]] = []
     if manifest is not None:
         how = f"{manifest.get('method')} (score {manifest.get('score')}"
@@ -305,7 +335,7 @@ def summary(
                 f"{ev.get('samples')} held-out samples of {ev.get('data')} ({ev.get('overlap_with_calibration')} shared with calibration)",
             )
         )
-        rows.append(("densest", layers_line(metrics["layers"])))
+        rows += _layer_rows(metrics["layers"])
         rows.append(("size", size_line(metrics["size"])))
         rows.append(("latency", latency_line(metrics["latency"])))
     elif manifest is not None:
@@ -321,7 +351,7 @@ def summary(
                 ),
             )
         )
-        rows.append(("densest", layers_line(manifest["layers"])))
+        rows += _layer_rows(manifest["layers"])
     if decision is not None:
         rows.append(("gate", decision_line(decision)))
         reg = decision.get("registration")
@@ -340,6 +370,9 @@ def summary(
             rows.append((f"  {name}", shown + (f"  {note}" if note else "")))
         if total is not None:
             rows.append(("  total", f"{total:6.1f} s"))
+    task = next((d["task"] for d in (metrics, manifest, decision) if d and d.get("task")), None)
+    if task is not None:
+        rows.insert(2 if manifest is not None else 0, ("task", str(task)))
     width = max((len(k) for k, _ in rows), default=0)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"note: {n}" for n in notes]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -125,9 +126,10 @@ def _literal_choices(hint: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def declared(obj: type | Callable[..., Any]) -> list[Declared]:
+def declared(obj: type | Callable[..., Any], every: bool = False) -> list[Declared]:
     """The declared settings of a dataclass (its fields) or a function (its parameters)
-    whose annotation carries an :class:`Opt`, in declaration order."""
+    whose annotation carries an :class:`Opt`, in declaration order; ``every`` also takes
+    the fields without one (for type checks)."""
     hints = typing.get_type_hints(obj, include_extras=True)
     if dataclasses.is_dataclass(obj):
         items = [
@@ -147,7 +149,9 @@ def declared(obj: type | Callable[..., Any]) -> list[Declared]:
     for name, default in items:
         base, opt = _opt_of(hints.get(name))
         if opt is None:
-            continue
+            if not every or name not in hints:
+                continue
+            opt = Opt("")
         kind, optional = _base_type(base)
         choices = opt.choices or _literal_choices(base)
         if choices is not None and opt.choices is None:
@@ -157,55 +161,60 @@ def declared(obj: type | Callable[..., Any]) -> list[Declared]:
 
 
 def check_value(setting: Declared, value: Any, where: str) -> Any:
-    """``value`` converted to the setting's type, or a UserError naming ``where``."""
-    shown = _short(value)
+    """``value`` converted to the setting's type, or a one-line UserError naming ``where``
+    (the value shown short, however large or deeply nested it is)."""
     if value is None:
         if setting.optional:
             return None
         raise UserError(f"{where} must be given, got null")
     kind = setting.type
+    wrong = isinstance(value, bool) and kind in (int, float)
     if kind is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where} must be true or false, got {shown}")
+        words, ok = "true or false", isinstance(value, bool)
     elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise UserError(f"{where} must be an integer, got {shown}")
-        value = int(value)
+        words = "a whole number"
+        ok = not wrong and isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and value == int(value)
+        value = int(value) if ok else value
     elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where} must be a number, got {shown}")
-        value = float(value)
-        if math.isnan(value):
-            raise UserError(f"{where} must be a number, got NaN")
+        words = "a number"
+        ok = not wrong and isinstance(value, (int, float)) and not math.isnan(value)
+        value = float(value) if ok else value
     elif kind is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where} must be a string, got {shown}")
+        words, ok = "a string", isinstance(value, str)
     elif kind is tuple:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-            raise UserError(f"{where} must be a list of strings, got {shown}")
-        value = tuple(items)
-    elif kind is dict and not isinstance(value, Mapping):
-        raise UserError(f"{where} must be a mapping, got {shown}")
+        words = "a list of strings"
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif kind is dict:
+        words, ok = "a mapping", isinstance(value, Mapping)
+    else:
+        words, ok = "", True
+    if not ok:
+        raise UserError(f"{where} must be {words}, got {short(value)}")
     if setting.opt.choices is not None and value not in setting.opt.choices:
         raise UserError(
-            f"{where} must be one of {', '.join(map(str, setting.opt.choices))}, got {shown}"
+            f"{where} must be one of {', '.join(map(str, setting.opt.choices))}, got {short(value)}"
         )
     return value
 
 
 def check_values(obj: type | Callable[..., Any], values: Mapping[str, Any], what: str) -> dict:
-    """``values`` checked against ``obj``'s declarations (types and choices); names that
-    are not declared are left as they are (the owner refuses unknown ones)."""
-    by_name = {s.name: s for s in declared(obj)}
+    """``values`` checked against the types of ``obj``'s fields or parameters (declared
+    with an :class:`Opt` or not); names ``obj`` lacks are left as they are (the owner
+    refuses unknown ones)."""
+    by_name = {s.name: s for s in declared(obj, every=True)}
     return {
         k: check_value(by_name[k], v, f"{what} {k}") if k in by_name else v
         for k, v in values.items()
     }
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+def short(value: Any, limit: int = 80) -> str:
+    """A short repr of ``value``, built without formatting all of a huge value."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxdict, shown.maxstring = 3, 4, 4, limit
+    text = shown.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from . import __version__
 from .alloc.base import Allocation
 from .errors import UserError
+from .metrics import round_half_up, sparsity_figures, state_zeros  # noqa: F401 (round_half_up re-exported)
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -39,46 +40,58 @@ def apply_allocation(model: nn.Module, allocation: Allocation) -> nn.Module:
         weight = sparse.get_submodule(layer.name).weight
         if allocation.weights and layer.name in allocation.weights:
             weight.copy_(allocation.weights[layer.name].to(weight.device, weight.dtype))
-        weight.mul_(allocation.masks[layer.name].to(weight.device, weight.dtype))
+        # masked_fill, not a product: a pruned weight is 0 even where it was NaN or inf
+        weight.masked_fill_(~allocation.masks[layer.name].to(weight.device), 0)
     return sparse
 
 
 def manifest(allocation: Allocation, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON description of an allocation: per layer and global figures, method, settings."""
+    """The JSON description of an allocation: per layer and global figures, method, settings.
+
+    :func:`save_sparse` recounts the zeros in the weights it writes, so a saved manifest's
+    figures are those of the written model.
+    """
+    layers = [
+        {
+            "name": layer.name,
+            "shape": list(layer.shape),
+            "numel": layer.numel,
+            "zeros": layer.zeros,
+            "sparsity": layer.sparsity,
+            "existing_zeros": layer.existing,
+            "threshold": None if layer.threshold != layer.threshold else layer.threshold,
+        }
+        for layer in allocation.layers
+    ]
     data: dict[str, Any] = {
         "format": "fcpts.manifest/1",
         "fcpts_version": __version__,
         "target": allocation.target,
-        "achieved_sparsity": allocation.achieved,
-        "zeros": allocation.zeros,
-        "prunable": allocation.prunable,
-        "exact": allocation.zeros == round_half_up(allocation.target * allocation.prunable),
+        **sparsity_figures(layers, allocation.target),
+        "existing_zeros": sum(layer.existing for layer in allocation.layers),
         "method": allocation.method,
         "score": allocation.score,
         "settings": _jsonable(allocation.settings),
         "weights_reconstructed": bool(allocation.weights),
         "seconds": allocation.seconds,
-        "layers": [
-            {
-                "name": layer.name,
-                "shape": list(layer.shape),
-                "numel": layer.numel,
-                "zeros": layer.zeros,
-                "sparsity": layer.sparsity,
-                "threshold": None if layer.threshold != layer.threshold else layer.threshold,
-            }
-            for layer in allocation.layers
-        ],
+        "layers": layers,
     }
     if extra:
         data.update(extra)
     return data
 
 
-def round_half_up(x: float) -> int:
-    import math
-
-    return int(math.floor(x + 0.5))
+def counted(data: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``data`` (a manifest) with its zeros, sparsities and global figures counted in the
+    weights of ``state``."""
+    if "layers" not in data:
+        return data
+    found = state_zeros(state, [layer["name"] for layer in data["layers"]])
+    layers = [
+        dict(layer, zeros=c["zeros"], sparsity=c["sparsity"])
+        for layer, c in zip(data["layers"], found, strict=True)
+    ]
+    return dict(data, layers=layers, **sparsity_figures(found, float(data["target"])))
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,6 +126,9 @@ def _atomic_write(path: Path, write) -> None:
 def save_sparse(model: nn.Module, data: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``manifest.json`` (with the model's sha256) to out_dir.
 
+    The manifest's zeros (per layer and overall), achieved sparsity, ``exact`` and
+    ``empty_layers`` are counted in the tensors written.
+
     Each file is written to a temporary name and renamed, the manifest last, so a folder
     with a manifest always holds a complete model.
     """
@@ -121,7 +137,7 @@ def save_sparse(model: nn.Module, data: dict[str, Any], out_dir: str | os.PathLi
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     model_path = out / MODEL_FILE
     _atomic_write(model_path, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    data = dict(data, model_file=MODEL_FILE, model_sha256=sha256_file(model_path))
+    data = dict(counted(data, state), model_file=MODEL_FILE, model_sha256=sha256_file(model_path))
     _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
     return out
 

@@ -21,6 +21,7 @@ from torch import nn
 from .. import landing
 from ..errors import UserError
 from ..layers import LayerSpec
+from ..settings import check_values
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -65,10 +66,16 @@ class LayerResult:
     numel: int
     zeros: int
     threshold: float
+    existing: int = 0  # weights that were zero already (all among the zeros)
 
     @property
     def sparsity(self) -> float:
         return self.zeros / self.numel
+
+    @property
+    def empty(self) -> bool:
+        """Pruned to 100%: the layer passes nothing on."""
+        return self.zeros == self.numel
 
 
 @dataclass
@@ -101,6 +108,11 @@ class Allocation:
     def sparsities(self) -> dict[str, float]:
         return {layer.name: layer.sparsity for layer in self.layers}
 
+    @property
+    def empty_layers(self) -> list[str]:
+        """The layers pruned to 100%."""
+        return [layer.name for layer in self.layers if layer.empty]
+
 
 class Allocator(ABC):
     """Base of every allocation method. Subclasses set ``name`` and ``Config``."""
@@ -126,6 +138,7 @@ class Allocator(ABC):
                 f"allocator {self.name!r} has no setting {unknown[0]!r}; "
                 f"its settings are: {', '.join(sorted(known)) or '(none)'}"
             )
+        settings = check_values(self.Config, settings, f"{self.name} setting")
         try:
             self.config = self.Config(**settings)
         except TypeError as exc:
@@ -136,20 +149,27 @@ class Allocator(ABC):
         """Per-layer sparsities or thresholds for ``problem.target``."""
 
     def allocate(self, problem: Problem) -> Allocation:
-        """Propose, then land exactly on round(target x N) zeros within the bounds."""
+        """Propose, then land exactly on round(target x N) zeros within the bounds.
+
+        Weights that are zero already, in the weights the allocation writes (the
+        proposal's reconstructed ones, or the problem's), count among the zeros.
+        """
         target = landing.check_target(problem.target)
-        k = landing.check_feasible(target, problem.layers)
+        landing.check_feasible(target, problem.layers, landing.zero_counts(problem.weights))
         start = time.perf_counter()
         proposal = self.propose(problem)
-        ordered = landing.sorted_scores(problem.scores)
+        allocation = self.land(problem, proposal, target)
+        allocation.seconds = time.perf_counter() - start
+        return allocation
+
+    def land(self, problem: Problem, proposal: Proposal, target: float) -> Allocation:
+        """The masks of ``proposal`` landed exactly, and the figures that describe them."""
+        zeros = {name: w == 0 for name, w in written_weights(problem, proposal).items()}
+        existing = {name: int(z.sum()) for name, z in zeros.items()}
+        k = landing.check_feasible(target, problem.layers, existing)
+        ordered = landing.sorted_scores(problem.scores, zeros)
         values = {name: v for name, (v, _) in ordered.items()}
-        if proposal.thresholds is not None:
-            keys = landing.keys_from_thresholds(values, proposal.thresholds)
-        elif proposal.sparsities is not None:
-            keys = landing.keys_from_sparsities(values, proposal.sparsities)
-        else:
-            raise RuntimeError(f"allocator {self.name!r} proposed nothing")
-        counts = landing.land_counts(keys, problem.layers, k)
+        counts = landing.land_counts(self.keys(proposal, values), problem.layers, k, existing)
         masks = landing.masks_from_counts(
             {name: o for name, (_, o) in ordered.items()},
             counts,
@@ -160,7 +180,11 @@ class Allocator(ABC):
             c = counts[layer.name]
             v = values[layer.name]
             threshold = float(v[c - 1]) if c > 0 else float("nan")
-            layers.append(LayerResult(layer.name, layer.shape, layer.numel, c, threshold))
+            layers.append(
+                LayerResult(
+                    layer.name, layer.shape, layer.numel, c, threshold, existing[layer.name]
+                )
+            )
         return Allocation(
             method=self.name,
             score=problem.score_kind,
@@ -171,8 +195,27 @@ class Allocator(ABC):
             weights=proposal.weights,
             params=proposal.params,
             history=proposal.history,
-            seconds=time.perf_counter() - start,
         )
+
+    def keys(self, proposal: Proposal, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Landing keys of each layer's sorted scores, from what the proposal set."""
+        if proposal.thresholds is not None:
+            return landing.keys_from_thresholds(values, proposal.thresholds)
+        if proposal.sparsities is not None:
+            return landing.keys_from_sparsities(values, proposal.sparsities)
+        raise RuntimeError(f"allocator {self.name!r} proposed nothing")
+
+
+def written_weights(problem: Problem, proposal: Proposal) -> dict[str, torch.Tensor]:
+    """The weights the allocation will write before masking: the proposal's reconstructed
+    ones in the model's dtype where it has them, else the problem's."""
+    out = {}
+    for layer in problem.layers:
+        w = problem.weights[layer.name]
+        if proposal.weights and layer.name in proposal.weights:
+            w = proposal.weights[layer.name].detach().to(w.device, w.dtype)
+        out[layer.name] = w
+    return out
 
 
 def get_allocator(name: str, **settings: Any) -> Allocator:

@@ -20,41 +20,22 @@ The thresholds are initialised from ERK or uniform and finally landed exactly.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
-from ..bridge import BRIDGES, ScoreDistribution, bridged_sparsity
+from ..bridge import BRIDGES
 from ..errors import UserError
 from ..settings import Opt, Search
-from ..tasks import relative_mse, to_device
+from ..tasks import to_device
 from .base import Allocator, Problem, Proposal
-from .erk import erk_sparsities
-
-
-def _positive_median(values: torch.Tensor) -> float:
-    pos = values[values > 0]
-    if pos.numel() == 0:
-        return 1.0
-    return float(pos[pos.numel() // 2])
-
-
-def _threshold_at(values: torch.Tensor, sparsity: float) -> float:
-    """A threshold between the c-th and (c+1)-th smallest score, c = round(s * n)."""
-    n = values.numel()
-    c = min(n, max(0, round(sparsity * n)))
-    if c == 0:
-        return float(values[0]) * 0.5
-    if c == n:
-        return float(values[-1]) * 1.0001 + 1e-30
-    return 0.5 * (float(values[c - 1]) + float(values[c]))
+from .learning import Learner, LoopState, make_optimizer, restore, snapshot, step
+from .reconstruction import block_modules, make_student, teacher_outputs
+from .thresholds import init_thresholds, initial_sparsities
 
 
 class FCPTS(Allocator):
@@ -211,115 +192,15 @@ class FCPTS(Allocator):
             raise UserError(
                 "the calibration set is empty: fcpts needs at least one calibration batch"
             )
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        device = problem.device
-        task = problem.task
-        layers = problem.layers
-        learn = [layer for layer in layers if not layer.keep_dense]
-        total = problem.total
-
-        init = (
-            erk_sparsities(layers, problem.target)
-            if cfg.init == "erk"
-            else {
-                layer.name: min(layer.max_sparsity, max(layer.min_sparsity, problem.target))
-                for layer in layers
-            }
-        )
-        dists, refs, theta0, lo_theta, hi_theta, widths = {}, [], [], [], [], []
-        for layer in learn:
-            scores = problem.scores[layer.name].to(device)
-            dist = ScoreDistribution(scores, cfg.kde_samples, cfg.bridge, gen)
-            dists[layer.name] = dist
-            values = dist.sorted
-            ref = _positive_median(values)
-            refs.append(ref)
-            t0 = max(_threshold_at(values, init[layer.name]), ref * 1e-12)
-            theta0.append(math.log(t0 / ref))
-            lo = (
-                math.log(max(_threshold_at(values, layer.min_sparsity), ref * 1e-12) / ref)
-                if layer.min_sparsity > 0
-                else -60.0
-            )
-            hi = (
-                math.log(max(_threshold_at(values, layer.max_sparsity), ref * 1e-12) / ref)
-                if layer.max_sparsity < 1
-                else 60.0
-            )
-            lo_theta.append(lo)
-            hi_theta.append(hi)
-            widths.append(cfg.ste_width * dist.bandwidth)
-
-        ref_t = torch.tensor(refs, dtype=torch.float32, device=device)
-        theta = torch.tensor(theta0, dtype=torch.float32, device=device, requires_grad=True)
-        lo_t = torch.tensor(lo_theta, device=device)
-        hi_t = torch.tensor(hi_theta, device=device)
-
-        teacher = problem.model.to(device).eval()
-        student = copy.deepcopy(teacher).eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        weights = {layer.name: student.get_submodule(layer.name).weight for layer in learn}
-        extra: dict[str, nn.Parameter] = {}
-        param_groups = [{"params": [theta], "lr": cfg.lr}] if cfg.learn_thresholds else []
-        if cfg.joint and cfg.weight_lr > 0:
-            learn_names = {layer.param_name for layer in learn}
-            dense_names = {layer.param_name for layer in layers if layer.keep_dense}
-            for name, p in student.named_parameters():
-                if name in dense_names:
-                    continue
-                if name in learn_names or name.endswith("bias") or p.dim() == 1:
-                    p.requires_grad_(True)
-                    if name not in learn_names:
-                        extra[name] = p
-            param_groups.append(
-                {
-                    "params": [w for w in weights.values()] + list(extra.values()),
-                    "lr": cfg.weight_lr,
-                }
-            )
-        optimizer = torch.optim.Adam(param_groups)
-        scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.iters))
-            if cfg.schedule == "cosine"
-            else None
-        )
-
-        batches = [to_device(b, device) for b in problem.batches]
-        block_cache: dict[str, torch.Tensor] = {}
-        block_modules = self._block_modules(student, cfg.blocks)
-        teacher_blocks = self._block_modules(teacher, cfg.blocks)
-        teacher_out = []
-        with torch.no_grad():
-            for b in batches:
-                handles = self._capture(teacher_blocks, block_cache)
-                try:
-                    raw = task.run(teacher, b)
-                finally:
-                    for h in handles:
-                        h.remove()
-                teacher_out.append((task.target(raw, b).detach(), dict(block_cache)))
-                block_cache.clear()
-
-        scores = {layer.name: problem.scores[layer.name].to(device) for layer in learn}
-        fixed_zeros = 0.0  # keep-dense layers contribute no zeros
-        history: list[dict[str, float]] = []
-        rec_scale: float | None = None
-        lam = cfg.lam
-        trained = {
-            "theta": theta,
-            **{f"param.{n}": p for n, p in student.named_parameters() if p.requires_grad},
-        }
+        learner = self._learner(problem)
+        state = LoopState(lam=cfg.lam)
         checkpointer, fingerprint, start = problem.checkpoint, {}, 0
         if checkpointer is not None:
             fingerprint = self._fingerprint(problem)
-            snapshot = checkpointer.load(fingerprint)
-            if snapshot is not None:
-                start = snapshot.iteration
-                lam, rec_scale, history = self._restore(
-                    snapshot, trained, optimizer, scheduler, device
-                )
+            saved = checkpointer.load(fingerprint)
+            if saved is not None:
+                start = saved.iteration
+                state = restore(learner, saved, problem.device)
         bar = tqdm(
             range(start, cfg.iters),
             desc=f"fcpts {problem.target:.0%}",
@@ -329,88 +210,68 @@ class FCPTS(Allocator):
             total=cfg.iters,
         )
         for it in bar:
-            i = it % len(batches)
-            batch = batches[i]
-            t = torch.exp(theta) * ref_t
-            overrides = {}
-            sparsity_terms = []
-            for j, layer in enumerate(learn):
-                m = scores[layer.name]
-                hard = (m > t[j]).to(m.dtype)
-                if cfg.ste and cfg.learn_thresholds:
-                    soft = torch.sigmoid((m - t[j]) / widths[j])
-                    mask = hard + soft - soft.detach()
-                else:
-                    mask = hard
-                overrides[layer.param_name] = weights[layer.name] * mask
-                sparsity_terms.append(bridged_sparsity(t[j], dists[layer.name]) * layer.numel)
-            global_s = (torch.stack(sparsity_terms).sum() + fixed_zeros) / total
-            gap = global_s - problem.target
-            l_c = gap.abs() if cfg.constraint == "l1" else gap.pow(2)
-
-            handles = self._capture(block_modules, block_cache)
-            try:
-                raw = task.run(student, batch, overrides)
-            finally:
-                for h in handles:
-                    h.remove()
-            t_out, t_blocks = teacher_out[i]
-            l_rec = cfg.output_weight * task.loss(task.target(raw, batch), t_out, batch)
-            if block_cache:
-                l_blocks = sum(
-                    relative_mse(block_cache[k], t_blocks[k]) for k in block_cache
-                ) / len(block_cache)
-                l_rec = l_rec + cfg.block_weight * l_blocks
-            block_cache.clear()
-            if rec_scale is None:
-                # the first reconstruction loss sets the unit, so lam means the same on any model
-                rec_scale = l_rec.item() if cfg.normalize and l_rec.item() > 0 else 1.0
-            loss = l_rec / rec_scale + lam * l_c
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():
-                theta.copy_(torch.maximum(torch.minimum(theta, hi_t), lo_t))
-            if cfg.lam_adapt:
-                # dual-ascent-like: lam grows while the sparsity is off target, relaxes back after
-                lam = lam * 1.05 if abs(gap.item()) > cfg.tolerance else max(cfg.lam, lam / 1.05)
-            record = {
-                "lam": lam,
-                "loss": loss.item(),
-                "rec_loss": l_rec.item(),
-                "constraint_loss": l_c.item(),
-                "global_sparsity": global_s.item(),
-            }
-            history.append(record)
+            record = step(learner, state, it)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", sparsity=f"{record['global_sparsity']:.4f}"
             )
             if problem.callback is not None:
                 problem.callback(it, record)
             if checkpointer is not None and checkpointer.due(it + 1, cfg.iters):
-                state = {
-                    "lam": lam,
-                    "rec_scale": rec_scale,
-                    "history": history,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": ckpt.rng_state(device),
-                }
-                tensors = {k: v.detach() for k, v in trained.items()}
-                checkpointer.save(fingerprint, ckpt.Snapshot(it + 1, tensors, state))
+                checkpointer.save(fingerprint, snapshot(learner, state, it + 1, problem.device))
+        return self._proposal(problem, learner, state)
 
-        with torch.no_grad():
-            t_final = (torch.exp(theta) * ref_t).tolist()
-        thresholds = {layer.name: t_final[j] for j, layer in enumerate(learn)}
-        for layer in layers:
+    def _learner(self, problem: Problem) -> Learner:
+        """Thresholds at their initial allocation, the teacher's outputs, the student and
+        the optimiser: everything the optimisation steps share."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        device = problem.device
+        learn = [layer for layer in problem.layers if not layer.keep_dense]
+        thresholds = init_thresholds(
+            learn,
+            problem.scores,
+            initial_sparsities(problem.layers, problem.target, cfg.init),
+            kde_samples=cfg.kde_samples,
+            bridge=cfg.bridge,
+            ste_width=cfg.ste_width,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            device=device,
+        )
+        teacher = problem.model.to(device).eval()
+        student = make_student(teacher, problem.layers, cfg.joint and cfg.weight_lr > 0)
+        optimizer, scheduler = make_optimizer(thresholds.theta, student, cfg)
+        batches = [to_device(b, device) for b in problem.batches]
+        return Learner(
+            cfg=cfg,
+            target=problem.target,
+            total=problem.total,
+            thresholds=thresholds,
+            learn=learn,
+            scores=[problem.scores[layer.name].to(device) for layer in learn],
+            student=student,
+            task=problem.task,
+            batches=batches,
+            teacher=teacher_outputs(
+                teacher, problem.task, batches, block_modules(teacher, cfg.blocks)
+            ),
+            blocks=block_modules(student.model, cfg.blocks),
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+
+    def _proposal(self, problem: Problem, learner: Learner, state: LoopState) -> Proposal:
+        """The learned thresholds (keep-dense layers: 0) and, with joint reconstruction,
+        the reconstructed weights and parameters."""
+        cfg = self.config
+        thresholds = learner.thresholds.final()
+        for layer in problem.layers:
             if layer.keep_dense:
                 thresholds[layer.name] = 0.0
-        proposal = Proposal(thresholds=thresholds, history=history)
+        proposal = Proposal(thresholds=thresholds, history=state.history)
         if cfg.joint and cfg.weight_lr > 0:
-            proposal.weights = {n: w.detach().clone() for n, w in weights.items()}
-            proposal.params = {n: p.detach().clone() for n, p in extra.items()}
+            student = learner.student
+            proposal.weights = {n: w.detach().clone() for n, w in student.weights.items()}
+            proposal.params = {n: p.detach().clone() for n, p in student.extra.items()}
         return proposal
 
     def _fingerprint(self, problem: Problem) -> dict[str, str]:
@@ -428,45 +289,3 @@ class FCPTS(Allocator):
                 "device": problem.device.type,
             }
         )
-
-    @staticmethod
-    def _restore(
-        snapshot, trained, optimizer, scheduler, device
-    ) -> tuple[float, float | None, list]:
-        """Put a checkpoint's state back; return lam, the loss scale and the history."""
-        missing = sorted(set(trained) - set(snapshot.tensors))
-        if missing:
-            raise UserError(f"the checkpoint lacks {missing[0]}: delete it to start afresh")
-        with torch.no_grad():
-            for name, tensor in trained.items():
-                tensor.copy_(snapshot.tensors[name])
-        state = snapshot.state
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"], device)
-        return state["lam"], state["rec_scale"], list(state["history"])
-
-    @staticmethod
-    def _block_modules(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, nn.Module]:
-        from ..layers import matches
-
-        if not patterns:
-            return {}
-        found = {
-            n: m for n, m in model.named_modules() if n and any(matches(n, p) for p in patterns)
-        }
-        if not found:
-            raise UserError(f"fcpts setting blocks {list(patterns)} matches no module of the model")
-        return found
-
-    @staticmethod
-    def _capture(modules: dict[str, nn.Module], cache: dict[str, torch.Tensor]) -> list:
-        handles = []
-        for name, module in modules.items():
-
-            def hook(_m, _a, out, name=name):
-                cache[name] = out[0] if isinstance(out, (tuple, list)) else out
-
-            handles.append(module.register_forward_hook(hook))
-        return handles

@@ -285,7 +285,7 @@ def _apply(model: ResolvedModel, allocation: Allocation):
     with torch.no_grad():
         for layer in allocation.layers:
             weight = params[f"{layer.name}.weight"]
-            weight.mul_(allocation.masks[layer.name].to(weight.device, weight.dtype))
+            weight.masked_fill_(~allocation.masks[layer.name].to(weight.device), 0)
     return sparse
 
 

@@ -34,6 +34,8 @@ from ..metrics import (
     neighbour_agreement,
     outputs,
     relative_output_mse,
+    sparsity_figures,
+    state_zeros,
     top1,
 )
 from ..sources import (
@@ -47,7 +49,7 @@ from ..sources import (
     sample_digests,
     task_kind,
 )
-from ..sparse_model import load_sparse, read_manifest, round_half_up
+from ..sparse_model import load_sparse, read_manifest
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
 from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
@@ -197,12 +199,9 @@ def _evaluate(
     sparse_out = _outputs(sparse_net, task, batches, dev, progress_bar, "sparse outputs")
     quality = _quality(task, dense_out, sparse_out, batches)
 
-    layers = _count_zeros(sparse_net, manifest["layers"])
-    counted = {
-        "zeros": sum(layer["zeros"] for layer in layers),
-        "prunable": sum(layer["numel"] for layer in layers),
-    }
-    counted["sparsity"] = counted["zeros"] / counted["prunable"]
+    layers = state_zeros(sparse_net.state_dict(), [m["name"] for m in manifest["layers"]])
+    target = float(manifest["target"])
+    counted = sparsity_figures(layers, target)
     counts_match = all(
         layer["zeros"] == m["zeros"] for layer, m in zip(layers, manifest["layers"], strict=True)
     )
@@ -213,17 +212,13 @@ def _evaluate(
         model.model, sparse_net, task, _head(batches[0], LATENCY_BATCH), latency_seconds
     )
 
-    target = float(manifest["target"])
     metrics: dict[str, Any] = {
         "format": FORMAT,
         "fcpts_version": __version__,
         **quality,
         "task": task_kind(task),
         "target": target,
-        "achieved_sparsity": counted["sparsity"],
-        "zeros": counted["zeros"],
-        "prunable": counted["prunable"],
-        "exact": counted["zeros"] == round_half_up(target * counted["prunable"]),
+        **counted,
         "manifest_zeros": manifest["zeros"],
         "counts_match_manifest": counts_match,
         "method": manifest.get("method"),
@@ -242,6 +237,7 @@ def _evaluate(
         },
         "layers": layers,
         "densest_layers": [layer["name"] for layer in report.densest_layers(layers, 5)],
+        "emptiest_layers": [layer["name"] for layer in report.sparsest_layers(layers, 5)],
         "size": size,
         "latency": latency,
     }
@@ -270,25 +266,6 @@ def _evaluate(
         "data_source": data.source,
     }
     return Evaluation(path=out, metrics=metrics), logged
-
-
-@torch.no_grad()
-def _count_zeros(net: nn.Module, manifest_layers) -> list[dict[str, Any]]:
-    """Zeros per prunable layer, counted from the weights (state_dict names work for
-    TorchScript modules too)."""
-    state = net.state_dict()
-    out = []
-    for layer in manifest_layers:
-        name = layer["name"]
-        key = f"{name}.weight" if name else "weight"
-        if key not in state:
-            raise UserError(f"the sparse model has no weight {key!r} that its manifest lists")
-        w = state[key]
-        zeros = int((w == 0).sum())
-        out.append(
-            {"name": name, "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
-        )
-    return out
 
 
 def _outputs(

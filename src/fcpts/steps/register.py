@@ -286,6 +286,7 @@ def _register(
         "target": manifest.get("target"),
         "achieved_sparsity": data.get("achieved_sparsity"),
         "method": manifest.get("method"),
+        "task": data.get("task") or manifest.get("task"),
         "sparse_model": {"path": sparse_ref, "model_sha256": manifest.get("model_sha256")},
         "registry": registry_name,
         "registration": None,
