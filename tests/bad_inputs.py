@@ -119,7 +119,7 @@ ROWS = (
         "settings",
         "an allocator that does not exist",
         "allocate --model demo:digits-cnn --target 0.5 --method magic --out {ws}/out",
-        "choose one of erk, fcpts, global, owl, uniform",
+        "choose one of erk, fcpts, global, owl,",
     ),
     Row(
         "setting-typo",
@@ -162,6 +162,27 @@ ROWS = (
         "a negative calibration sample count",
         "allocate --model demo:digits-cnn --target 0.5 --calibration-samples -5 --out {ws}/out",
         "--calibration-samples must be positive",
+    ),
+    Row(
+        "sparsegpt-allocation-unknown",
+        "settings",
+        "sparsegpt with a base allocation that is no method",
+        "allocate --model demo:digits-cnn --target 0.5 --method sparsegpt --set allocation=magic --out {ws}/out",
+        "allocation must be one of",
+    ),
+    Row(
+        "sparsegpt-nm-syntax",
+        "settings",
+        "sparsegpt with an N:M pattern whose n is not below m",
+        "allocate --model demo:digits-cnn --target 0.5 --method sparsegpt --set nm=4:2 --out {ws}/out",
+        "nm must look like '2:4'",
+    ),
+    Row(
+        "sparsegpt-nm-target",
+        "settings",
+        "sparsegpt 2:4 at a target the pattern cannot hold",
+        "allocate --model demo:digits-cnn --target 0.7 --method sparsegpt --set nm=2:4 --out {ws}/out",
+        "cannot hold exactly",
     ),
     # model sources
     Row(

@@ -12,7 +12,7 @@ from torch import nn
 
 from fcpts import obs
 from fcpts.alloc import Allocator, Problem, Proposal
-from fcpts.core import sparsify
+from fcpts.core import LayerSelection, sparsify
 from fcpts.demos import load_demo
 from fcpts.errors import UserError
 from fcpts.layers import find_prunable
@@ -229,6 +229,36 @@ def test_sparsegpt_explicit_sparsities_and_settings(digits):
                 batches=calibration,
                 settings=bad,
             )
+
+
+def test_sparsegpt_two_of_four(digits):
+    demo, calibration, _, _ = digits
+    selection = LayerSelection(exclude=("features.0",))  # 9 inputs per output: no 2:4
+    # 124 is what YAML makes of an unquoted --set nm=2:4 (base 60)
+    for nm in ("2:4", 124):
+        allocation = sparsify(
+            demo.model,
+            0.5,
+            method="sparsegpt",
+            task=demo.task,
+            batches=calibration,
+            selection=selection,
+            settings={"nm": nm},
+            device="cpu",
+        )
+        assert allocation.settings["nm"] == "2:4"
+        for layer in selection.find(demo.model):
+            mat = obs.weight_matrix(layer, allocation.masks[layer.name])[0]
+            assert ((~mat).reshape(mat.shape[0], -1, 4).sum(-1) == 2).all()
+    with pytest.raises(UserError, match="cannot hold exactly"):
+        sparsify(
+            demo.model,
+            0.5,
+            method="sparsegpt",
+            task=demo.task,
+            batches=calibration,
+            settings={"nm": "2:4"},
+        )
 
 
 class _WrongMasks(Allocator):

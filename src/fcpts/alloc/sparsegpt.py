@@ -32,16 +32,22 @@ class _Captured(Exception):
     """Raised by a hook to end a forward pass once every needed input is captured."""
 
 
-def _parse_nm(text: str) -> tuple[int, int] | None:
-    if not text:
+def _parse_nm(value: Any) -> tuple[int, int] | None:
+    """``"2:4"`` (or ``[2, 4]``) as (2, 4); empty means unstructured."""
+    if value in ("", None):
         return None
-    n, sep, m = str(text).partition(":")
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 (--set, config files) reads an unquoted 2:4 as the base-60 number 124
+        value = f"{value // 60}:{value % 60}"
+    if isinstance(value, (list, tuple)):
+        value = ":".join(str(v) for v in value)
+    n, sep, m = str(value).partition(":")
     try:
         pair = (int(n), int(m))
     except ValueError:
         pair = None
     if not sep or pair is None or not 0 < pair[0] < pair[1]:
-        raise UserError(f"sparsegpt setting nm must look like '2:4' (n < m), got {text!r}")
+        raise UserError(f"sparsegpt setting nm must look like '2:4' (n < m), got {value!r}")
     return pair
 
 
@@ -53,7 +59,7 @@ class SparseGPT(Allocator):
         allocation: Any = "uniform"
         damp: float = 0.01
         blocksize: int = 128
-        nm: str = ""
+        nm: Any = ""
         blocks: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
@@ -84,7 +90,8 @@ class SparseGPT(Allocator):
                 int(self.blocksize) == self.blocksize and self.blocksize >= 1,
                 f"blocksize must be an integer >= 1 (e.g. 128), got {self.blocksize}",
             )
-            _parse_nm(self.nm)
+            nm = _parse_nm(self.nm)
+            object.__setattr__(self, "nm", f"{nm[0]}:{nm[1]}" if nm else "")
             blocks = (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks)
             object.__setattr__(self, "blocks", blocks)
 
