@@ -119,7 +119,7 @@ ROWS = (
         "settings",
         "an allocator that does not exist",
         "allocate --model demo:digits-cnn --target 0.5 --method magic --out {ws}/out",
-        "choose one of erk, fcpts, global, owl, uniform",
+        "choose one of erk, fcpts, global, owl,",
     ),
     Row(
         "setting-typo",
@@ -169,6 +169,27 @@ ROWS = (
         "an allocator setting of the wrong type (a list for a number)",
         "allocate --model demo:digits-cnn --target 0.5 --set lam=[1,2] --out {ws}/out",
         "fcpts setting lam must be a number, got [1, 2]",
+    ),
+    Row(
+        "sparsegpt-allocation-unknown",
+        "settings",
+        "sparsegpt with a base allocation that is no method",
+        "allocate --model demo:digits-cnn --target 0.5 --method sparsegpt --set allocation=magic --out {ws}/out",
+        "allocation must be one of",
+    ),
+    Row(
+        "sparsegpt-nm-syntax",
+        "settings",
+        "sparsegpt with an N:M pattern whose n is not below m",
+        "allocate --model demo:digits-cnn --target 0.5 --method sparsegpt --set nm=4:2 --out {ws}/out",
+        "nm must look like '2:4'",
+    ),
+    Row(
+        "sparsegpt-nm-target",
+        "settings",
+        "sparsegpt 2:4 at a target the pattern cannot hold",
+        "allocate --model demo:digits-cnn --target 0.7 --method sparsegpt --set nm=2:4 --out {ws}/out",
+        "cannot hold exactly",
     ),
     # model sources
     Row(

@@ -43,7 +43,12 @@ def sample(setting: Declared) -> tuple[list[str], object]:
         return [setting.flag, str(setting.default * 1.5 + 0.25)], setting.default * 1.5 + 0.25
     if setting.type is tuple:
         return [setting.flag, "encoder.*"], ("encoder.*",)
+    if setting.dest in FREE_FORM:  # settings of a free-form type: a value the method takes
+        return [setting.flag, FREE_FORM[setting.dest]], FREE_FORM[setting.dest]
     raise AssertionError(f"no sample for {setting}")
+
+
+FREE_FORM = {"sparsegpt_allocation": "erk", "sparsegpt_nm": "2:4"}
 
 
 SETTINGS = method_settings()

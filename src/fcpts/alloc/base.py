@@ -50,10 +50,15 @@ class Problem:
 
 @dataclass
 class Proposal:
-    """What an allocator proposes; exactly one of sparsities/thresholds is set."""
+    """What an allocator proposes; exactly one of sparsities/thresholds is set.
+
+    ``masks`` (True = keep), when set, are used as they are instead of masks built from
+    the scores; each must hold exactly the count that landing gives its layer.
+    """
 
     sparsities: dict[str, float] | None = None
     thresholds: dict[str, float] | None = None
+    masks: dict[str, torch.Tensor] | None = None
     weights: dict[str, torch.Tensor] | None = None
     params: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -165,21 +170,30 @@ class Allocator(ABC):
     def land(self, problem: Problem, proposal: Proposal, target: float) -> Allocation:
         """The masks of ``proposal`` landed exactly, and the figures that describe them."""
         zeros = {name: w == 0 for name, w in written_weights(problem, proposal).items()}
+        if proposal.masks is not None:  # weights pruned by the proposal are not "existing"
+            zeros = {
+                name: (problem.weights[name] == 0) | (z & proposal.masks[name].to(z.device))
+                for name, z in zeros.items()
+            }
         existing = {name: int(z.sum()) for name, z in zeros.items()}
         k = landing.check_feasible(target, problem.layers, existing)
         ordered = landing.sorted_scores(problem.scores, zeros)
         values = {name: v for name, (v, _) in ordered.items()}
         counts = landing.land_counts(self.keys(proposal, values), problem.layers, k, existing)
-        masks = landing.masks_from_counts(
-            {name: o for name, (_, o) in ordered.items()},
-            counts,
-            {layer.name: layer.shape for layer in problem.layers},
-        )
+        if proposal.masks is not None:
+            masks = _checked_masks(self.name, proposal.masks, counts, problem.layers)
+        else:
+            masks = landing.masks_from_counts(
+                {name: o for name, (_, o) in ordered.items()},
+                counts,
+                {layer.name: layer.shape for layer in problem.layers},
+            )
         layers = []
         for layer in problem.layers:
             c = counts[layer.name]
             v = values[layer.name]
-            threshold = float(v[c - 1]) if c > 0 else float("nan")
+            # proposed masks are not cut at a score threshold
+            threshold = float(v[c - 1]) if c > 0 and proposal.masks is None else float("nan")
             layers.append(
                 LayerResult(
                     layer.name, layer.shape, layer.numel, c, threshold, existing[layer.name]
@@ -216,6 +230,28 @@ def written_weights(problem: Problem, proposal: Proposal) -> dict[str, torch.Ten
             w = proposal.weights[layer.name].detach().to(w.device, w.dtype)
         out[layer.name] = w
     return out
+
+
+def _checked_masks(
+    method: str,
+    masks: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    layers: Sequence[LayerSpec],
+) -> dict[str, torch.Tensor]:
+    """Proposed keep-masks, each checked against its layer's shape, landed count and bounds."""
+    for layer in layers:
+        mask = masks.get(layer.name)
+        if mask is None or tuple(mask.shape) != layer.shape:
+            raise RuntimeError(
+                f"allocator {method!r} proposed no mask of shape {layer.shape} for {layer.name!r}"
+            )
+        zeros = int((~mask.bool()).sum())
+        if zeros != counts[layer.name] or not layer.min_zeros() <= zeros <= layer.max_zeros():
+            raise RuntimeError(
+                f"allocator {method!r} proposed {zeros} zeros for {layer.name!r}; "
+                f"landing gives it {counts[layer.name]}"
+            )
+    return {layer.name: masks[layer.name].bool() for layer in layers}
 
 
 def get_allocator(name: str, **settings: Any) -> Allocator:

@@ -43,8 +43,8 @@ def argparse_kwargs(
         kwargs["action"] = "append"
         kwargs["metavar"] = setting.opt.metavar or "VALUE"
     else:
-        kwargs["type"] = setting.type
-        kwargs["metavar"] = setting.opt.metavar or setting.type.__name__.upper()
+        kwargs["type"] = setting.type if setting.type in (int, float, str) else str
+        kwargs["metavar"] = setting.opt.metavar or kwargs["type"].__name__.upper()
         if setting.opt.choices:
             kwargs["choices"] = setting.opt.choices
             kwargs.pop("metavar")
