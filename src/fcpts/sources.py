@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .core import LayerSelection
+from .digests import sha256_file, tensors_sha256
 from .errors import UserError
 from .tasks import ClassifierTask, EncoderTask, Task
 
@@ -135,13 +136,7 @@ class ResolvedModel:
 
 
 def state_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(sorted(model.state_dict().items()))
 
 
 def local_path(source: str) -> Path:
@@ -630,8 +625,6 @@ def _tensor_file(path: Path, spec: str) -> DataSource:
                 batch["y"] = ys[i : i + batch_size].contiguous()
             out.append(batch)
         return out
-
-    from .sparse_model import sha256_file
 
     return DataSource(
         source=spec,
