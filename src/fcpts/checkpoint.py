@@ -187,6 +187,13 @@ class Checkpointer:
         if not self.config.resume or not self.path.is_file():
             return None
         meta, tensors = self._read()
+        try:
+            state = from_storable(meta["state"], tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            why = f"its state refers to a tensor it lacks or is malformed: {exc!r}"
+            raise self._refused(why) from None
+        if not isinstance(state, dict):
+            raise self._refused("its state is not a mapping")
         saved = meta["fingerprint"]
         differ = sorted(
             k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)
@@ -197,13 +204,6 @@ class Checkpointer:
                 f"(differing: {', '.join(differ)}): resume with the same arguments, or delete "
                 "the checkpoint (or run without resume) to start afresh"
             )
-        try:
-            state = from_storable(meta["state"], tensors)
-        except (KeyError, TypeError, ValueError) as exc:
-            why = f"its state refers to a tensor it lacks or is malformed: {exc!r}"
-            raise self._refused(why) from None
-        if not isinstance(state, dict):
-            raise self._refused("its state is not a mapping")
         if total is not None and meta["iteration"] > total:
             raise self._refused(f"its iteration {meta['iteration']} is beyond the {total} asked")
         return Snapshot(iteration=meta["iteration"], tensors=tensors, state=state)
