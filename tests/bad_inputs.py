@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
@@ -413,6 +414,56 @@ ROWS = (
         "compile --out {ws}/no-such-folder/pipeline.yaml",
         "does not exist",
     ),
+    Row(
+        "checkpoint-edited",
+        "checkpoints",
+        "--resume from a checkpoint whose tensor data was edited under a valid header",
+        "allocate --model demo:digits-cnn --target 0.5 --iters 2 --resume "
+        "--checkpoint-dir {ws}/ckpt-edited --out {ws}/out",
+        "checksum does not match its data",
+    ),
+    Row(
+        "checkpoint-no-iteration",
+        "checkpoints",
+        "--resume from a checkpoint without an iteration",
+        "allocate --model demo:digits-cnn --target 0.5 --iters 2 --resume "
+        "--checkpoint-dir {ws}/ckpt-no-iteration --out {ws}/out",
+        "delete it to start afresh",
+    ),
+    Row(
+        "checkpoint-fingerprint-list",
+        "checkpoints",
+        "--resume from a checkpoint whose fingerprint is a list",
+        "allocate --model demo:digits-cnn --target 0.5 --iters 2 --resume "
+        "--checkpoint-dir {ws}/ckpt-fingerprint-list --out {ws}/out",
+        "fingerprint is not a mapping",
+    ),
+    Row(
+        "checkpoint-bad-tensor",
+        "checkpoints",
+        "--resume from a checkpoint whose state names a tensor it lacks",
+        "allocate --model demo:digits-cnn --target 0.5 --iters 2 --resume "
+        "--checkpoint-dir {ws}/ckpt-bad-tensor --out {ws}/out",
+        "refers to a tensor it lacks",
+    ),
+    Row(
+        "s3-index-no-sha",
+        "outputs",
+        "an s3:// output whose index has an entry without sha256",
+        "evaluate --model demo:digits-cnn --sparse s3://fcpts-catalogue/index-no-sha "
+        "--out {ws}/eval",
+        "has no sha256",
+        needs="moto",
+    ),
+    Row(
+        "s3-index-file-and-folder",
+        "outputs",
+        "an s3:// output whose index lists manifest.json and manifest.json/x",
+        "evaluate --model demo:digits-cnn --sparse s3://fcpts-catalogue/index-file-and-folder "
+        "--out {ws}/eval",
+        "listed as a file and as the folder",
+        needs="moto",
+    ),
     # URIs, credentials, servers
     Row(
         "sweep-storage-driver",
@@ -551,6 +602,56 @@ ROWS = (
 
 QUIET = ("calibrate", "allocate", "evaluate", "register", "run", "sweep")  # take --quiet
 S3_BUCKET = "fcpts-catalogue"  # exists on the moto server of rows with needs="moto"
+_SHA = "0" * 64
+# objects in S3_BUCKET that rows read (put by fill_bucket)
+S3_OBJECTS = {
+    "index-no-sha/fcpts-index.json": {"format": 1, "files": {"manifest.json": {"size": 2}}},
+    "index-file-and-folder/fcpts-index.json": {
+        "format": 1,
+        "files": {
+            "manifest.json": {"sha256": _SHA, "size": 2},
+            "manifest.json/x": {"sha256": _SHA, "size": 2},
+        },
+    },
+}
+
+
+def fill_bucket(client) -> None:
+    """Create S3_BUCKET when missing and put S3_OBJECTS in it."""
+    if S3_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=S3_BUCKET)
+    for key, value in S3_OBJECTS.items():
+        client.put_object(Bucket=S3_BUCKET, Key=key, Body=json.dumps(value).encode())
+
+
+def _checkpoint(folder: Path, edit=None, tamper: bool = False) -> None:
+    """A checkpoint as fcpts writes it, its header edited (and sealed again) by ``edit``,
+    or its tensor data changed after it was sealed (``tamper``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fcpts import checkpoint as ckpt
+
+    tensors: dict = {"theta": torch.zeros(4)}
+    meta = {
+        "format": ckpt.FORMAT,
+        "iteration": 1,
+        "fingerprint": {"settings": _SHA},
+        "state": ckpt.to_storable({"lam": 1.0, "m": torch.ones(2)}, tensors, "state"),
+    }
+    if edit:
+        edit(meta)
+    meta["checksum"] = ckpt.checksum(meta, tensors)
+    if tamper:
+        tensors["theta"] = tensors["theta"] + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors, str(folder / ckpt.FILE_NAME), metadata={"fcpts.checkpoint": json.dumps(meta)}
+    )
+
+
+def _bad_tensor(meta: dict) -> None:
+    meta["state"]["__dict__"][1][1] = {"__tensor__": "state.nothing"}
 
 
 def alias_bomb(levels: int = 10) -> str:
@@ -581,6 +682,10 @@ def make_workspace(ws: Path) -> None:
     np.savez(ws / "wrong-key.npz", images=images)
     for name, label in (("label-57", 57), ("label-minus-3", -3)):
         np.savez(ws / f"{name}.npz", x=images, y=np.array([0] * 29 + [label]))
+    _checkpoint(ws / "ckpt-edited", tamper=True)
+    _checkpoint(ws / "ckpt-no-iteration", edit=lambda m: m.pop("iteration"))
+    _checkpoint(ws / "ckpt-fingerprint-list", edit=lambda m: m.update(fingerprint=["x"]))
+    _checkpoint(ws / "ckpt-bad-tensor", edit=_bad_tensor)
 
 
 def closed_port() -> int:
@@ -698,7 +803,7 @@ def _write(path: str) -> int:
         ws = Path(tmp) / "ws"
         make_workspace(ws)
         with services.start_moto(tmp) as moto:
-            moto.client().create_bucket(Bucket=S3_BUCKET)
+            fill_bucket(moto.client())
             messages = {}
             for row in ROWS:
                 outcome = run_row(row, ws, moto.env())

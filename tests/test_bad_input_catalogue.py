@@ -5,7 +5,7 @@ password, nothing that existed before changed; and the document agrees with the 
 from pathlib import Path
 
 import pytest
-from bad_inputs import ROWS, S3_BUCKET, document, make_workspace, run_row, shown, snapshot
+from bad_inputs import ROWS, document, fill_bucket, make_workspace, run_row, shown, snapshot
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
 
@@ -55,9 +55,7 @@ def test_row(row, workspace, documented, request):
     s3_env = None
     if row.needs == "moto":
         moto = request.getfixturevalue("moto_server")
-        client = moto.client()
-        if S3_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-            client.create_bucket(Bucket=S3_BUCKET)
+        fill_bucket(moto.client())
         s3_env = moto.env()
     before = snapshot(workspace)
     outcome = run_row(row, workspace, s3_env)

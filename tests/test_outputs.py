@@ -131,7 +131,7 @@ def test_s3_output_failing_step_publishes_nothing(aws_env, bucket):
         fetch_output(uri)
 
 
-def test_s3_output_interrupted_rewrite_is_incomplete(aws_env, bucket):
+def test_s3_output_interrupted_rewrite_keeps_the_earlier_output(aws_env, bucket, tmp_path):
     uri = f"s3://{bucket}/sparse"
     with staged_output(uri) as folder:
         _write(folder, FILES)
@@ -146,9 +146,8 @@ def test_s3_output_interrupted_rewrite_is_incomplete(aws_env, bucket):
     client.meta.events.register("before-call.s3.PutObject", fail_second_put)
     with pytest.raises(ServiceError), staged_output(uri, client=client) as folder:
         _write(folder, {"model.safetensors": b"new", "manifest.json": b"{}"})
-    # the earlier index is void: the half-rewritten output is not taken as complete
-    with pytest.raises(UserError, match="not a complete fcpts output"):
-        fetch_output(uri)
+    # the earlier output stays whole and readable; the half-rewritten one is not seen
+    assert _tree(fetch_output(uri, tmp_path / "got")) == FILES
     assert not any(s3.TMP_MARKER in k for k in _keys(aws_env, bucket))
 
 

@@ -102,6 +102,7 @@ def test_allocate_resumes_after_sigkill(tmp_path):
     log = killed.communicate(timeout=HANG_GUARD_S)[0]
     assert killed.returncode == -signal.SIGKILL, log  # killed, not finished
     assert checkpoint.exists() and not (tmp_path / "resumed").exists()
+    assert [p.name for p in tmp_path.glob(".resumed.fcpts-tmp-*")]  # the killed run's staging
 
     other = _allocate_cli(cal, tmp_path / "resumed", "--resume", "--lam", "2")
     log = other.communicate(timeout=HANG_GUARD_S)[0]
@@ -115,6 +116,7 @@ def test_allocate_resumes_after_sigkill(tmp_path):
     a, b = load_file(str(want)), load_file(str(got))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert not (tmp_path / "resumed.checkpoint").exists()  # removed once the output is whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no litter
 
 
 class Boom(Exception):

@@ -8,6 +8,11 @@ is written to a temporary file in the same folder, flushed to disk and renamed o
 previous one (``os.replace``), so the file is always a whole checkpoint: a kill during a
 save leaves the previous one in place.
 
+The header also holds a checksum of the tensors' bytes and of every other field, so a
+checkpoint edited after it was written (data under a valid header, a changed iteration)
+is refused, like any checkpoint that cannot be read, with a one-line ``UserError`` that
+says to delete it to start afresh.
+
 The fingerprint is a digest per input (settings, target, layers, scores, model, batches,
 task, device). A resume whose inputs differ from the checkpoint's is refused with a
 ``UserError`` naming the inputs that differ, rather than silently mixing two runs.
@@ -31,10 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FcptsError, UserError
+from .digests import sha256_text, tensors_sha256, update_tensor
+from .errors import UserError
 
 FILE_NAME = "fcpts-checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: with a checksum
 _META_KEY = "fcpts.checkpoint"
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -56,10 +62,7 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, nn.Module):
         value = value.state_dict()
     if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_tensor(h, "T", value)
     elif isinstance(value, Mapping):
         h.update(f"M{len(value)}|".encode())
         for key in sorted(value, key=str):
@@ -176,14 +179,22 @@ class Checkpointer:
         """Whether to save after ``done`` of ``total`` iterations (every N, and the last)."""
         return done > 0 and (done % self.config.every == 0 or done == total)
 
-    def load(self, fingerprint: Mapping[str, str]) -> Snapshot | None:
-        """The snapshot to resume from, or None (no resume asked, or no checkpoint yet)."""
+    def load(self, fingerprint: Mapping[str, str], total: int | None = None) -> Snapshot | None:
+        """The snapshot to resume from, or None (no resume asked, or no checkpoint yet);
+        with ``total``, one saved after more than ``total`` iterations is refused."""
         for stale in self.config.directory.glob(f".{FILE_NAME}.tmp-*"):  # from killed saves
             stale.unlink(missing_ok=True)
         if not self.config.resume or not self.path.is_file():
             return None
         meta, tensors = self._read()
-        saved = meta.get("fingerprint", {})
+        try:
+            state = from_storable(meta["state"], tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            why = f"its state refers to a tensor it lacks or is malformed: {exc!r}"
+            raise self._refused(why) from None
+        if not isinstance(state, dict):
+            raise self._refused("its state is not a mapping")
+        saved = meta["fingerprint"]
         differ = sorted(
             k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)
         )
@@ -193,40 +204,50 @@ class Checkpointer:
                 f"(differing: {', '.join(differ)}): resume with the same arguments, or delete "
                 "the checkpoint (or run without resume) to start afresh"
             )
-        return Snapshot(
-            iteration=int(meta["iteration"]),
-            tensors=tensors,
-            state=from_storable(meta["state"], tensors),
+        if total is not None and meta["iteration"] > total:
+            raise self._refused(f"its iteration {meta['iteration']} is beyond the {total} asked")
+        return Snapshot(iteration=meta["iteration"], tensors=tensors, state=state)
+
+    def _refused(self, why: str) -> UserError:
+        return UserError(
+            f"the checkpoint {self.path} is not valid ({why}); delete it to start afresh"
         )
 
     def save(self, fingerprint: Mapping[str, str], snapshot: Snapshot) -> Path:
         """Write the snapshot atomically (temporary file, fsync, rename); return its path."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        tensors = dict(snapshot.tensors)
-        meta = {
+        stored = dict(snapshot.tensors)
+        fields = {
             "format": FORMAT,
             "iteration": snapshot.iteration,
             "fingerprint": dict(fingerprint),
-            "state": to_storable(snapshot.state, tensors, "state"),
+            "state": to_storable(snapshot.state, stored, "state"),
         }
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in stored.items()}
+        meta = dict(fields, checksum=checksum(fields, tensors))
         directory = self.config.directory
+        created = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the checkpoint folder {directory}: {exc}") from None
         tmp = directory / f".{FILE_NAME}.tmp-{uuid.uuid4().hex}"
         try:
-            save_file(
-                {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                str(tmp),
-                metadata={_META_KEY: json.dumps(meta)},
-            )
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
             _fsync(tmp)
             os.replace(tmp, self.path)
             _fsync(directory)
-        except OSError as exc:
-            raise FcptsError(f"cannot write the checkpoint {self.path}: {exc}") from None
+        except (OSError, SafetensorError) as exc:
+            tmp.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only when empty: nothing of ours left in it
+            raise UserError(
+                f"cannot write the checkpoint {self.path}: {exc}; free space there or give "
+                "another checkpoint folder (--checkpoint-dir)"
+            ) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -248,7 +269,34 @@ class Checkpointer:
             raise UserError(
                 f"{self.path} is not an fcpts checkpoint of format {FORMAT}; delete it to start afresh"
             )
+        problem = _invalid(meta, tensors)
+        if problem:
+            raise self._refused(problem)
         return meta, tensors
+
+
+def checksum(fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a checkpoint's header fields (as JSON) and its tensors (names, dtypes,
+    shapes, bytes)."""
+    return sha256_text(
+        json.dumps(fields, sort_keys=True) + "|" + tensors_sha256(sorted(tensors.items()))
+    )
+
+
+def _invalid(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a checkpoint's header does not hold up, or None."""
+    iteration = meta.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        return f"its iteration {iteration!r} is not a whole number >= 0"
+    fp = meta.get("fingerprint")
+    if not isinstance(fp, dict) or not all(isinstance(v, str) for v in fp.values()):
+        return "its fingerprint is not a mapping of input names to digests"
+    if "state" not in meta:
+        return "it has no state"
+    fields = {k: v for k, v in meta.items() if k != "checksum"}
+    if meta.get("checksum") != checksum(fields, tensors):
+        return "its checksum does not match its data: it was changed after it was written"
+    return None
 
 
 def _fsync(path: Path) -> None:

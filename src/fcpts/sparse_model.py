@@ -8,7 +8,6 @@ Loading reads safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .alloc.base import Allocation
+from .digests import sha256_file
 from .errors import UserError
 from .metrics import round_half_up, sparsity_figures, state_zeros  # noqa: F401 (round_half_up re-exported)
 
@@ -102,14 +102,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

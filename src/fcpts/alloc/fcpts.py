@@ -197,7 +197,7 @@ class FCPTS(Allocator):
         checkpointer, fingerprint, start = problem.checkpoint, {}, 0
         if checkpointer is not None:
             fingerprint = self._fingerprint(problem)
-            saved = checkpointer.load(fingerprint)
+            saved = checkpointer.load(fingerprint, total=cfg.iters)
             if saved is not None:
                 start = saved.iteration
                 state = restore(learner, saved, problem.device)

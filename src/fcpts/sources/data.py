@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..demos.minilm import tokenize
+from ..digests import sha256_file
 from ..errors import UserError
-from ..sparse_model import sha256_file
 from ..tasks import ClassifierTask
 from .files import first_line, local_path, read_safetensors, torch_load
 from .models import ResolvedModel

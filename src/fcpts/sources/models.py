@@ -22,6 +22,7 @@ from torch import nn
 from ..core import LayerSelection
 from ..demos import load_demo
 from ..demos.minilm import load_encoder
+from ..digests import tensors_sha256
 from ..errors import UserError
 from ..tasks import EncoderTask
 from .files import first_line, local_path, read_safetensors, torch_load
@@ -68,13 +69,8 @@ class ResolvedModel:
 
 
 def state_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of a state_dict (names, dtypes, shapes and bytes)."""
+    return tensors_sha256(sorted(model.state_dict().items()))
 
 
 def parse_function_source(source: str) -> tuple[str, str] | None:

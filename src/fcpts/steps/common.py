@@ -4,19 +4,20 @@ S3 (:func:`input_folder`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..core import LayerSelection
+from ..digests import sha256_text
 from ..errors import UserError
+from ..storage.cache import cache_root, is_s3_uri
+from ..storage.local import staging
+from ..storage.outputs import fetch_output, staged_output, staged_remote
 
 FILE_MODE = 0o644  # mkstemp creates 0600; artifacts are read by other users and tools
 T = TypeVar("T")
@@ -203,19 +204,13 @@ def move(module, device):
 
 
 def is_remote(path: str | os.PathLike | None) -> bool:
-    from ..storage import is_s3_uri
-
     return path is not None and is_s3_uri(str(path))
 
 
 def input_folder(path: str | os.PathLike) -> Path:
     """The local folder of an upstream step's output: an ``s3://`` output is downloaded
     (cached, every file checked against its sha256); a local path is returned as given."""
-    if not is_remote(path):
-        return Path(path)
-    from ..storage import fetch_output
-
-    return fetch_output(str(path))
+    return fetch_output(str(path)) if is_remote(path) else Path(path)
 
 
 def input_file_or_folder(path: str | os.PathLike) -> Path:
@@ -241,12 +236,12 @@ def write_output(dest: str | os.PathLike, write: Callable[[Path], T]) -> tuple[T
       that :func:`fcpts.storage.fetch_output` reads.
 
     A failed ``write`` publishes nothing and removes the staged folder, so nothing that
-    was in ``dest`` before is lost.
+    was in ``dest`` before is lost; staging folders that killed runs left are removed.
     """
-    from ..storage import staged_output
-
     if is_remote(dest):
-        return _write_remote(str(dest), write)
+        with staged_remote(str(dest)) as stage:
+            value = write(stage.folder)
+        return value, stage.published
     final = Path(dest).expanduser()
     if final.exists() and not final.is_dir():
         raise UserError(f"output {final} is a file: give a folder path (a new or existing folder)")
@@ -254,9 +249,7 @@ def write_output(dest: str | os.PathLike, write: Callable[[Path], T]) -> tuple[T
         with staged_output(final) as folder:
             value = write(folder)
         return value, final
-    tmp = final.parent / f".{final.name}.fcpts-stage-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with staging(final.parent, final.name) as tmp:
         value = write(tmp)
         files = [p for p in tmp.rglob("*") if p.is_file()]
         order = sorted(files, key=lambda p: (p.suffix == ".json", p.stat().st_mtime_ns, str(p)))
@@ -269,29 +262,6 @@ def write_output(dest: str | os.PathLike, write: Callable[[Path], T]) -> tuple[T
                 )
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return value, final
-
-
-def _write_remote(uri: str, write: Callable[[Path], T]) -> tuple[T, Path]:
-    from ..storage import outputs, s3
-    from ..storage.cache import cache_root
-
-    client = s3.make_client()
-    outputs._check_bucket(client, uri, "write the output")  # before the step does its work
-    cache = cache_root() / ".outputs"
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fcpts-output-", dir=cache))
-    try:
-        value = write(tmp)
-        index = outputs.publish(tmp, uri, client=client)
-        digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
-        final = cache / digest[:40]  # where fetch_output looks for this very output
-        s3._replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return value, final
 
 
@@ -300,9 +270,6 @@ def checkpoint_folder(out: str | os.PathLike) -> Path:
     local output, a folder in the cache named after an ``s3://`` one. Stable, so a rerun
     with ``--resume`` finds it."""
     if is_remote(out):
-        from ..storage.cache import cache_root
-
-        name = hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:24]
-        return cache_root() / ".checkpoints" / name
+        return cache_root() / ".checkpoints" / sha256_text(str(out).rstrip("/"))[:24]
     final = Path(out).expanduser()
     return final.parent / f"{final.name}.checkpoint"

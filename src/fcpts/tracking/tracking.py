@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import getpass
-import hashlib
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from torch import nn
 
 from .. import __version__
+from ..digests import tensors_sha256
 from ..errors import ServiceError, UserError
 from ..sparse_model import MANIFEST_FILE, read_manifest
 from .connection import DEFAULT_EXPERIMENT, DEFAULT_ROOT, RetryPolicy, Store, redact
@@ -168,12 +168,7 @@ def git_commit() -> tuple[str | None, bool | None]:
 def model_digest(model: nn.Module) -> str:
     """``sha256:<hex>`` of a model's state_dict (names, dtypes, shapes and bytes), so two
     runs from the same weights share a digest whatever file they were read from."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + tensors_sha256(sorted(model.state_dict().items()))
 
 
 def pipeline_params(
@@ -244,13 +239,7 @@ def _batch_tensors(batch: Any) -> dict[str, torch.Tensor]:
 
 def batches_digest(batches: Sequence[Any]) -> str:
     """16 hex digits of the sha256 of every tensor of every batch (key, dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    for batch in batches:
-        for key, t in sorted(_batch_tensors(batch).items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha256(kt for b in batches for kt in sorted(_batch_tensors(b).items()))[:16]
 
 
 def _batches_numpy(batches: Sequence[Any]) -> dict[str, np.ndarray] | None:
