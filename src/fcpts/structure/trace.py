@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .units import Blocked, Member, UnitGroup, UnitMap
+from .groups import Blocked, Member, UnitGroup, UnitMap
 
 _ACTIVATIONS = tuple(
     getattr(nn, n)

@@ -16,65 +16,14 @@ with the reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-
-
-@dataclass(frozen=True)
-class Member:
-    """A slice of one parameter (or buffer) that a group's units own along one axis."""
-
-    tensor: str
-    axis: int
-    width: int = 1
-    buffer: bool = False
-
-    @property
-    def module(self) -> str:
-        return self.tensor.rpartition(".")[0]
-
-    @property
-    def leaf(self) -> str:
-        return self.tensor.rpartition(".")[2]
-
-
-@dataclass(frozen=True)
-class UnitGroup:
-    """``count`` units that share one layout of weight slices."""
-
-    name: str
-    kind: str  # "head", "neuron" or "channel"
-    count: int
-    members: tuple[Member, ...]
-    attention: str | None = None  # for heads: the self-attention module
-    head_size: int = 0
-
-
-@dataclass(frozen=True)
-class Blocked:
-    """A layer whose outputs are not removable, and why."""
-
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class UnitMap:
-    groups: tuple[UnitGroup, ...]
-    blocked: tuple[Blocked, ...] = field(default=())
-
-    def group(self, name: str) -> UnitGroup:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise UserError(
-            f"unknown unit group {name!r}: choose one of {', '.join(g.name for g in self.groups)}"
-        )
+from .groups import Blocked, Member, UnitGroup, UnitMap
+from .trace import channel_units
 
 
 def _is_linear(m: Any) -> bool:
@@ -161,7 +110,6 @@ def find_units(
     torch.fx on the example call (``fcpts.structure.trace``)."""
     if bert_layers(model):
         return bert_units(model)
-    from .trace import channel_units
 
     return channel_units(model, tuple(args), dict(kwargs or {}))
 
