@@ -1,6 +1,6 @@
 """The declared settings of every registered method (see :mod:`fcpts.settings`), and the
 names they go by outside the library: flag, ``--config`` key and MLflow param are the same
-word (``weight_lr``, ``owl_m``), unique across methods."""
+word (``lam_tolerance``, ``owl_m``), unique across methods."""
 
 from __future__ import annotations
 
