@@ -120,6 +120,7 @@ def run_case(
     done: dict[str, dict],
     rows_path: Path,
     measure: bool = True,
+    only: tuple[str, ...] = (),
 ) -> list[dict]:
     if not measure:  # --render-only: the table from the rows measured so far
         return [
@@ -138,6 +139,8 @@ def run_case(
         log(f"{case}: dense top-1 {top1(dense, labels):.4f}")
     rows = []
     for variant in variants(quick):
+        if only and not any(o in variant.label for o in only):
+            continue
         for target in targets:
             if variant.only and target not in variant.only and case == "minilm":
                 continue
@@ -227,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="40 iterations instead of the default")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated parts of row labels: measure only those rows (e.g. default)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help=f"reuse rows already measured in {ROWS.name}"
     )
     parser.add_argument(
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             done,
             ROWS,
             not args.render_only,
+            tuple(v for v in args.variants.split(",") if v),
         )
         title = {
             "minilm": "all-MiniLM-L6-v2: held-out mean cosine to dense / nearest-neighbour agreement / seconds",
