@@ -73,3 +73,7 @@ V_DECISION = "decision"  # champion, challenger, former champion, rolled back
 V_REASON = "decision_reason"
 M_CHAMPION_HISTORY = "fcpts.champion_history"  # JSON list of versions, oldest first
 LOCK_SUFFIX = ".fcpts-lock"
+
+# ---- MLflow error codes fcpts handles
+ERR_EXISTS = "RESOURCE_ALREADY_EXISTS"
+ERR_MISSING = "RESOURCE_DOES_NOT_EXIST"
