@@ -119,15 +119,15 @@ class Store:
         self.uri = export_credentials(resolve_tracking_uri(tracking_uri, root))
         self.safe_uri = redact(self.uri)
         self.retry = retry
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        if sqlite_path(self.uri) is not None:
-            with first_use(self.uri):  # the first process creates the tables, alone
-                self.check()
-                self.call(
-                    "reach the model registry",
-                    self.client.search_registered_models,
-                    max_results=1,
-                )
+        if sqlite_path(self.uri) is None:
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            return
+        with first_use(self.uri):  # the first process creates the tables, alone
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self.check()
+            self.call(
+                "reach the model registry", self.client.search_registered_models, max_results=1
+            )
 
     # -- calls
 
