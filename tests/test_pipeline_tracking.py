@@ -270,9 +270,7 @@ def test_server_down_mid_pipeline_then_register_from(tmp_path):
     backend = f"sqlite:///{tmp_path / 'backend.db'}"
     artifacts = str(tmp_path / "artifacts")
     name, experiment = "digits-fault", "fault"
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", FCPTS_MLFLOW_ATTEMPTS="2", FCPTS_MLFLOW_BACKOFF="0.2"
-    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     exe = str(Path(sys.executable).with_name("fcpts"))
     with services.start_mlflow_server(tmp_path / "first", backend, artifacts) as first:
         args = _pipeline_args(tmp_path / "runs", 0.7, name, experiment, first.tracking_uri)
