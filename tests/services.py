@@ -480,11 +480,13 @@ def start_mlflow_server(
     env: dict | None = None,
     *,
     timeout: float = HANG_GUARD_S,
+    port: int | None = None,
 ) -> MlflowService:
     """``mlflow server`` with one worker, serving artifacts from artifacts_destination
     (default: ``tmpdir/mlartifacts``); env is added to the server's environment (e.g.
     ``MotoService.env()`` for an ``s3://`` destination). Ready when GET /health answers
-    200.
+    200. ``port``: this port (e.g. a restart on the port of a stopped server), else a free
+    one.
     """
     tmpdir = Path(tmpdir)
     tmpdir.mkdir(parents=True, exist_ok=True)
@@ -498,8 +500,9 @@ def start_mlflow_server(
     # A tracking URI inherited from the caller's environment means nothing to the server.
     server_env.pop("MLFLOW_TRACKING_URI", None)
     last_error: Exception | None = None
-    for _attempt in range(3):
-        port = free_port()
+    fixed = port
+    for _attempt in range(1 if fixed else 3):
+        port = fixed or free_port()
         log_path = tmpdir / f"mlflow-{port}.log"
         cmd = [
             sys.executable,

@@ -28,7 +28,7 @@ from fcpts.cli import main  # noqa: E402
 from fcpts.demos import load_demo  # noqa: E402
 from fcpts.sparse_model import load_sparse  # noqa: E402
 from fcpts.tracking.connection import Store  # noqa: E402
-from fcpts.tracking.names import PARAM_NAMES  # noqa: E402
+from fcpts.tracking.names import param_names  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def _check_tracked_run(client, run, run_dir):
     metrics = json.loads((run_dir / "evaluate" / "evaluation" / "metrics.json").read_text())
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert set(PARAM_NAMES) | {"metric", "evaluation_samples"} == set(params)
+    assert set(param_names()) | {"metric", "evaluation_samples"} == set(params)
     assert params["target"] == repr(manifest["target"]) and params["allocator"] == "fcpts"
     assert params["iters"] == str(ITERS) and params["calibration_samples"] == "64"
     assert params["model_source"] == "demo:digits-cnn" and params["seed"] == "0"
@@ -270,9 +270,7 @@ def test_server_down_mid_pipeline_then_register_from(tmp_path):
     backend = f"sqlite:///{tmp_path / 'backend.db'}"
     artifacts = str(tmp_path / "artifacts")
     name, experiment = "digits-fault", "fault"
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", FCPTS_MLFLOW_ATTEMPTS="2", FCPTS_MLFLOW_BACKOFF="0.2"
-    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     exe = str(Path(sys.executable).with_name("fcpts"))
     with services.start_mlflow_server(tmp_path / "first", backend, artifacts) as first:
         args = _pipeline_args(tmp_path / "runs", 0.7, name, experiment, first.tracking_uri)

@@ -257,25 +257,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _tracking(args: argparse.Namespace):
     """The run's tracking with its store resolved to an absolute URI (the steps run in other
-    folders) and a new pipeline run id; an mlflow server must answer before anything runs."""
+    folders) and a new pipeline run id; an mlflow server must answer before anything runs.
+    Credentials in the URI move to the environment, which the steps inherit: the URI that
+    becomes a pipeline argument (logged by KFP, on the steps' command lines) has none."""
     from dataclasses import replace
 
     tracking = tracking_from_args(args)
     if tracking is None:
         return None
     from ..tracking.connection import Store, is_http, resolve_tracking_uri
+    from ..tracking.redaction import export_credentials
 
-    uri = resolve_tracking_uri(tracking.uri)
+    uri = export_credentials(resolve_tracking_uri(tracking.uri))
     if is_http(uri):
-        Store(uri).check()
+        Store(uri).reachable_now()
     return replace(tracking, uri=uri).resolve()
 
 
 def tracking_summary(tracking) -> str:
     """Where the pipeline's MLflow run is and how to open it."""
     from ..errors import ServiceError
-    from ..tracking.connection import Store, is_http, redact, sqlite_path
+    from ..tracking.connection import Store, is_http, sqlite_path
     from ..tracking.names import TAG_PIPELINE_RUN_ID
+    from ..tracking.redaction import redact
 
     store = Store(tracking.uri)
     page, found = "", ""

@@ -29,7 +29,6 @@ from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
-from ..tracking.names import TAG_STEP
 from .calibrate import Calibration, load_calibration
 from .common import (
     checkpoint_folder,
@@ -39,7 +38,7 @@ from .common import (
     selection_to_dict,
     write_output,
 )
-from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_allocation
+from .tracked import RECORD_KEY, LiveRun, Tracking, failure_recorded, finish_step, log_allocation
 
 HISTORY_POINTS = 50
 CURVE_BATCH = 50  # allocator iterations per request of curve points (or every 10 s)
@@ -121,12 +120,10 @@ def allocate(
     if tracking is None:
         return work(callback=callback, tracking=None)
     tracking = tracking.resolve(cal.info)
-    run = tracking.open()
-    run.set_tags({TAG_STEP + "allocate": "running"})
-    curves = run.curve_logger(every=CURVE_BATCH)
-    with failure_recorded(tracking, "allocate", run):
-        result = work(callback=_chain(curves, callback), tracking=tracking)
-    curves.close()
+    live = LiveRun(tracking, "allocate", every=CURVE_BATCH)  # cannot fail the step
+    with failure_recorded(tracking, "allocate", live.quick):
+        result = work(callback=_chain(live.curves, callback), tracking=tracking)
+    run = live.open()  # the output is on disk: now tracking may fail the step
     log_allocation(run, result.path)
     finish_step(run, "allocate", result.manifest["step_seconds"])
     return result

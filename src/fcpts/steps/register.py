@@ -18,7 +18,6 @@ registry the decision is recorded only.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -226,22 +225,15 @@ def register(
     sparse = input_folder(sparse)
     manifest = read_manifest(sparse)
     decision = gate(data, manifest, tolerance)
-    run = None
     if tracking is None:
         fn, registry_name = load_registry(registry)
     else:
         tracking = tracking.resolve(data, manifest)
-        run = tracking.open()
-        run.set_tags({TAG_STEP + "register": "running"})
         if registry is None:
-            from ..tracking.registry import registry_hook
-
-            fn = registry_hook(run.run_id, tracking_uri=tracking.uri)
-            registry_name = MLFLOW_REGISTRY
+            fn, registry_name = _mlflow_registry(tracking), MLFLOW_REGISTRY
         else:
             fn, registry_name = load_registry(registry)
-    guard = contextlib.nullcontext() if run is None else failure_recorded(tracking, "register", run)
-    with guard:
+    with failure_recorded(tracking, "register"):
         result = _register(
             data,
             manifest,
@@ -255,10 +247,25 @@ def register(
             start,
             sparse_ref,
         )
-    if run is not None:
+    if tracking is not None:  # decision.json is written: now tracking may fail the step
+        run = tracking.open()
         run.log_artifact(result.path, "registration")
         finish_step(run, "register", result.record["step_seconds"])
     return result
+
+
+def _mlflow_registry(tracking: Tracking) -> Registry:
+    """MLflow's registry on the pipeline's run, which it opens only when called: after the
+    gate's decision.json is written."""
+
+    def registry(request: RegistryRequest) -> dict[str, Any]:
+        from ..tracking.registry import registry_hook
+
+        run = tracking.open()
+        run.set_tags({TAG_STEP + "register": "running"})
+        return registry_hook(run.run_id, tracking_uri=tracking.uri)(request)
+
+    return registry
 
 
 def _register(

@@ -12,11 +12,13 @@ the run of its input (``fcpts calibrate`` then ``fcpts allocate --calibration`` 
 one MLflow run). An explicit id wins.
 
 Order: each step does its work and writes its output folder first, then logs. Only
-allocate opens the run before the work, so the allocator's loss and sparsity curves
-reach MLflow while it runs; those points are buffered when the store does not answer.
-A store that is down therefore never costs a result: the step fails with a ServiceError
-naming the store, its output stays on disk, and ``fcpts register --from`` logs and
-registers it later.
+allocate reaches for the run before the work (:class:`LiveRun`), so the allocator's loss
+and sparsity curves reach MLflow while it runs; that early contact is a single try that
+cannot fail the step, and the points are buffered while the store does not answer. After
+the work the run is opened with the full retries (about a minute for an MLflow server, see
+:mod:`fcpts.tracking.retry`), so a server restart costs nothing. A store that stays down
+never costs a result either: the step fails with a ServiceError naming the store, its
+output stays on disk, and ``fcpts register --from`` logs and registers it later.
 
 MLflow is imported only when a step actually tracks.
 """
@@ -24,6 +26,7 @@ MLflow is imported only when a step actually tracks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -41,6 +44,8 @@ from ..tracking.names import (
     TAG_GATE_REASONS,
     TAG_STEP,
 )
+
+log = logging.getLogger(__name__)
 
 RECORD_KEY = "tracking"  # the block in calibration.json, manifest.json and metrics.json
 ALLOCATION_CHART = "allocation.png"
@@ -84,7 +89,7 @@ class Tracking:
         recorded = next((data[RECORD_KEY] for data in inputs if (data or {}).get(RECORD_KEY)), {})
         pid = self.pipeline_run_id or recorded.get("pipeline_run_id")
         if not pid:
-            from ..tracking.tracking import new_pipeline_run_id
+            from ..tracking.provenance import new_pipeline_run_id
 
             pid = new_pipeline_run_id()
         experiment = self.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT
@@ -92,7 +97,8 @@ class Tracking:
 
     def record(self) -> dict[str, Any]:
         """The block written into the step's output (credentials removed)."""
-        from ..tracking.connection import redact, resolve_tracking_uri
+        from ..tracking.connection import resolve_tracking_uri
+        from ..tracking.redaction import redact
 
         return {
             "pipeline_run_id": self.pipeline_run_id,
@@ -130,6 +136,56 @@ def _kfp_id(kfp_run_id: str) -> str | None:
 # ------------------------------------------------------------------------------ steps
 
 
+class LiveRun:
+    """A step's MLflow run while the step works, for live curves, unable to fail the step.
+
+    At the start the run is opened with a single try (``quick``; None when the store did not
+    answer). ``curves`` is the allocator's ``callback(step, record)``: it buffers the points
+    and sends them through ``quick`` now and then; a send that fails (or finds no run open:
+    it tries to open one again) keeps them for later. :meth:`open`, after the step's output
+    is written, opens the run with the full retries and sends what is left.
+    """
+
+    def __init__(self, tracking: Tracking, step: str, *, every: int = 100) -> None:
+        from ..tracking.curves import CurveLogger
+
+        self.tracking = tracking
+        self.step = step
+        self.quick: Any = None
+        self.curves = CurveLogger(self, every=every)
+        self._try_open()
+
+    def _try_open(self) -> None:
+        from ..errors import ServiceError
+        from ..tracking.retry import RetryPolicy
+
+        try:
+            run = self.tracking.open(retry=RetryPolicy(attempts=1))
+            run.set_tags({TAG_STEP + self.step: "running"})
+        except ServiceError as exc:
+            log.warning("%s: live curves wait for the tracking store (%s)", self.step, exc)
+            return
+        self.quick = run
+
+    def log_batch(self, what: str, **batch: Any) -> None:
+        """Send through the quick run (the CurveLogger's sends come here)."""
+        if self.quick is None:
+            self._try_open()
+        if self.quick is None:
+            from ..errors import ServiceError
+
+            raise ServiceError(f"could not {what}: no MLflow run open yet")
+        self.quick.log_batch(what, **batch)
+
+    def open(self) -> Any:
+        """The run, opened with the full retries, with the buffered curve points sent."""
+        run = self.tracking.open()
+        if self.curves.points:
+            run.log_batch("log the allocator curves", metrics=self.curves.points)
+            self.curves.points = []
+        return run
+
+
 def finish_step(run: Any, step: str, seconds: float) -> None:
     """Record a step as done with its wall time, and end the run (the next step reopens it)."""
     run.log_metrics({STEP_SECONDS.format(step=step): float(seconds)})
@@ -147,7 +203,7 @@ def failure_recorded(tracking: Tracking | None, step: str, run: Any = None) -> I
     except BaseException as exc:
         if tracking is not None and (run is not None or not isinstance(exc, UserError)):
             with contextlib.suppress(Exception):
-                from ..tracking.connection import RetryPolicy
+                from ..tracking.retry import RetryPolicy
 
                 run = run or tracking.open(retry=RetryPolicy(attempts=1))
                 run.set_tags({TAG_STEP + step: "failed", TAG_FAILED_STEP: step})
@@ -176,7 +232,7 @@ def log_allocation(run: Any, sparse_dir: str | os.PathLike, *, curves: bool = Tr
     them already (``curves=False``)."""
     from .. import report
     from ..sparse_model import read_manifest
-    from ..tracking.tracking import pipeline_params
+    from ..tracking.params import pipeline_params
 
     manifest = read_manifest(sparse_dir)
     run.log_params(pipeline_params(manifest))

@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ServiceError, UserError
+from ..tracking.firstuse import first_use
+from ..tracking.redaction import redact as redact_url
 from .common import ATTR_SPEC, DEFAULT_GRACE, DEFAULT_HEARTBEAT, STUDY_DB, quiet_optuna
 from .space import SweepSpec
 
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password replaced by ``***``."""
-    parts = urlsplit(str(url))
-    if parts.password is None:
-        return str(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 STORAGE_ENV = "FCPTS_OPTUNA_STORAGE"
@@ -103,7 +94,7 @@ def open_storage(
         else:
             kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
     try:
-        with quiet_optuna():
+        with quiet_optuna(), first_use(url):  # a new SQLite study: one process makes the tables
             storage = optuna.storages.RDBStorage(url, **kwargs)
         if url.startswith("sqlite"):
             _serialize_sqlite(storage.engine)
@@ -114,9 +105,15 @@ def open_storage(
             f"({exc}): e.g. pip install psycopg2-binary"
         ) from None
     except Exception as exc:
+        hint = (
+            "check that the database file's folder is writable and that no other process keeps "
+            "it locked"
+            if url.startswith("sqlite")
+            else "check that the database server is running and reachable and that the "
+            "database exists"
+        )
         raise ServiceError(
-            f"could not open the study storage {redact_url(url)}: {first_line(exc)}; check that "
-            "the database server is running and reachable and that the database exists"
+            f"could not open the study storage {redact_url(url)}: {first_line(exc)}; {hint}"
         ) from None
 
 

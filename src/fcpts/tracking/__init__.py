@@ -6,7 +6,10 @@
 * :mod:`fcpts.tracking.registry`: :func:`register`, :func:`promote`, :func:`rollback`,
   :func:`champion`, :func:`load_model` (aliases ``champion``/``challenger``, version tags).
 * :mod:`fcpts.tracking.connection`: where the store is (:func:`resolve_tracking_uri`,
-  embedded ``sqlite:///./mlruns/mlflow.db`` by default), retries, :func:`redact`.
+  embedded ``sqlite:///./mlruns/mlflow.db`` by default), :class:`Store`.
+* :mod:`fcpts.tracking.retry`: how calls are retried; :mod:`fcpts.tracking.redaction`:
+  :func:`redact`, credentials out of URIs; :mod:`fcpts.tracking.firstuse`: a new SQLite
+  database opened by several processes at once.
 
 Names are imported on first use, so ``import fcpts.tracking`` costs nothing until one is
 touched (MLflow and torch take seconds to import).
@@ -18,22 +21,27 @@ import importlib
 import os
 from typing import Any
 
-# Before mlflow is imported through this package: one retry policy, fcpts's own (see
-# fcpts.tracking.connection), no usage telemetry sent anywhere, and MLflow's warnings but
-# not its INFO chatter (a CLI error stays one line on stderr). An explicit setting in the
-# environment wins.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+from .retry import HTTP_DEFAULTS
+
+# Before mlflow is imported through this package: MLflow's HTTP retries spanning about a
+# minute (see fcpts.tracking.retry), no usage telemetry sent anywhere, and MLflow's warnings
+# but not its INFO chatter (a CLI error stays one line on stderr). An explicit setting in
+# the environment wins.
+DEFAULTS = {
+    **HTTP_DEFAULTS,
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
+os.environ.update({k: v for k, v in DEFAULTS.items() if k not in os.environ})
 
 _EXPORTS = {
     "PipelineRun": "tracking",
-    "CurveLogger": "tracking",
-    "pipeline_params": "tracking",
-    "model_digest": "tracking",
-    "batches_digest": "tracking",
-    "new_pipeline_run_id": "tracking",
-    "git_commit": "tracking",
+    "CurveLogger": "curves",
+    "pipeline_params": "params",
+    "model_digest": "provenance",
+    "batches_digest": "datasets",
+    "new_pipeline_run_id": "provenance",
+    "git_commit": "provenance",
     "register": "registry",
     "promote": "registry",
     "rollback": "registry",
@@ -41,13 +49,14 @@ _EXPORTS = {
     "load_model": "registry",
     "registry_hook": "registry",
     "register_request": "registry",
-    "decide": "registry",
-    "Registration": "registry",
-    "ChampionChange": "registry",
-    "RegistryLock": "registry",
+    "decide": "decision",
+    "Registration": "decision",
+    "ChampionChange": "decision",
+    "RegistryLock": "lock",
     "Store": "connection",
-    "RetryPolicy": "connection",
-    "redact": "connection",
+    "RetryPolicy": "retry",
+    "redact": "redaction",
+    "split_credentials": "redaction",
     "resolve_tracking_uri": "connection",
     "default_tracking_uri": "connection",
 }

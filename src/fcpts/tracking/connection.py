@@ -1,37 +1,32 @@
-"""One MLflow tracking store: where it is, how calls to it are retried, how failures read.
+"""One MLflow tracking store: where it is, how its credentials travel, how failures read.
 
 Where: :func:`resolve_tracking_uri` takes an explicit URI, else ``$MLFLOW_TRACKING_URI``,
 else the embedded default ``sqlite:///<root>/mlflow.db`` (``root`` defaults to
-``./mlruns``) with artifacts in ``<root>/artifacts``: no server to start.
+``./mlruns``) with artifacts in ``<root>/artifacts``: no server to start. Several processes
+may open a new embedded store at once (:mod:`fcpts.tracking.firstuse`).
 
-Retries: MLflow's own HTTP client retries a refused connection for minutes (7 retries,
-exponential backoff). fcpts instead runs one retry policy of its own around every call
-(:class:`RetryPolicy`: 4 attempts, backoff 0.5 s, 1 s, 2 s with jitter by default;
-``FCPTS_MLFLOW_ATTEMPTS`` and ``FCPTS_MLFLOW_BACKOFF`` override it), so importing
-``fcpts.tracking`` sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` unless the environment
-already sets it.
-Retried: refused or dropped connections, timeouts, HTTP 429/502/503/504, and SQLite's
-"database is locked". Not retried: everything else (a 500 may have been applied already).
-When the attempts are spent the call raises :class:`~fcpts.errors.ServiceError` naming the
-store (credentials removed) and what to do.
+Credentials: a password in the URI (``http://user:password@host``) is moved into the
+environment variables MLflow reads (:func:`~fcpts.tracking.redaction.export_credentials`)
+before the client is made, so MLflow's own lines (``View run ... at http://host/...``), the
+store's ``uri`` and everything passed on from it carry none. :func:`redact` removes them
+from any text.
+
+Retries: :mod:`fcpts.tracking.retry` (MLflow's own for HTTP stores, fcpts's for databases).
+When they are spent a call raises :class:`~fcpts.errors.ServiceError` naming the store
+(credentials removed) and what to do, in one line.
 
 Importing ``fcpts.tracking`` also sets ``MLFLOW_DISABLE_TELEMETRY=true`` unless set
 (read when mlflow is first imported): fcpts talks to the tracking store only.
-
-Credentials never reach params, tags or messages: :func:`redact` removes passwords from
-URIs, signed-URL query strings and the values of secret-looking environment variables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,61 +35,15 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ..errors import ServiceError, UserError
+from .firstuse import first_use, sqlite_path
 from .names import DEFAULT_EXPERIMENT
+from .redaction import export_credentials, redact
+from .retry import RetryPolicy, http_attempts, http_retries, is_transient, short_cause
 
 T = TypeVar("T")
 
 DEFAULT_ROOT = "mlruns"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
-ENV_ATTEMPTS = "FCPTS_MLFLOW_ATTEMPTS"
-ENV_BACKOFF = "FCPTS_MLFLOW_BACKOFF"
-
-# ----------------------------------------------------------------------------- redaction
-
-_USERINFO_RE = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::[^/@\s]*)?@"
-)
-_SECRET_QUERY_RE = re.compile(
-    r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|password|pwd|secret|key|"
-    r"credential|se|sv|sp)=)[^&\s#]*"
-)
-_SECRET_ENV_RE = re.compile(
-    r"(?i)(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE)"
-)
-REDACTED = "***"
-
-
-def _secret_env_values() -> list[str]:
-    values = [v for k, v in os.environ.items() if _SECRET_ENV_RE.search(k) and v and len(v) >= 4]
-    return sorted(set(values), key=len, reverse=True)
-
-
-def redact(text: Any) -> str:
-    """``text`` as a string with credentials removed.
-
-    ``scheme://user:password@host`` becomes ``scheme://user:***@host`` (a token-long
-    bare user name, ``https://TOKEN@host``, becomes ``***``), secret-looking query values
-    (``X-Amz-Signature=``, ``token=``, ...) become ``***``, and any value of an environment
-    variable whose name looks secret (``*PASSWORD*``, ``*SECRET*``, ``*TOKEN*``,
-    ``*ACCESS_KEY*``, ...) is replaced wherever it appears.
-    """
-    s = str(text)
-
-    def userinfo(m: re.Match) -> str:
-        had_password = ":" in m.group(0)[len(m.group("scheme")) :]
-        user = m.group("user")
-        if had_password:
-            return f"{m.group('scheme')}{user}:{REDACTED}@"
-        # a user name alone is no secret, unless it is a token (https://TOKEN@host)
-        return f"{m.group('scheme')}{REDACTED}@" if len(user) >= 20 else m.group(0)
-
-    s = _USERINFO_RE.sub(userinfo, s)
-    s = _SECRET_QUERY_RE.sub(lambda m: m.group(1) + REDACTED, s)
-    for value in _secret_env_values():
-        if value in s:
-            s = s.replace(value, REDACTED)
-    return s
-
 
 # ------------------------------------------------------------------------------- where
 
@@ -130,14 +79,6 @@ def is_http(uri: str) -> bool:
     return urlsplit(uri).scheme in ("http", "https")
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path("/" + path.lstrip("/")) if uri.startswith("sqlite:////") else Path(path)
-
-
 def embedded_artifact_location(uri: str) -> str | None:
     """For a SQLite store, ``file://<folder of the database>/artifacts``; else None (the
     server or the experiment decides)."""
@@ -147,105 +88,12 @@ def embedded_artifact_location(uri: str) -> str | None:
     return (db.absolute().parent / "artifacts").as_uri()
 
 
-# ------------------------------------------------------------------------------ retries
-
-
-# (what the low-level error says, what the user is told), first match wins
-_CAUSES = (
-    (("Connection refused", "NewConnectionError"), "connection refused"),
-    (("Name or service not known", "nodename nor servname", "getaddrinfo"), "host name not found"),
-    (("timed out", "Timeout"), "timed out"),
-    (("RemoteDisconnected", "Connection reset", "Connection aborted"), "connection dropped"),
-)
-
-
-def short_cause(text: str) -> str:
-    """A few words for a connection failure; other errors' first line, at most 300 characters."""
-    for needles, cause in _CAUSES:
-        if any(n in text for n in needles):
-            return cause
-    return text.splitlines()[0][:300] if text else "no detail"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """``attempts`` tries in all; the n-th retry waits ``backoff * 2**(n-1)`` seconds (at most
-    ``max_delay``) plus up to 25% jitter."""
-
-    attempts: int = 4
-    backoff: float = 0.5
-    max_delay: float = 8.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        def read(name: str, cast, default):
-            raw = os.environ.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                return cast(raw)
-            except ValueError:
-                return default
-
-        return cls(
-            attempts=max(1, read(ENV_ATTEMPTS, int, cls.attempts)),
-            backoff=max(0.0, read(ENV_BACKOFF, float, cls.backoff)),
-        )
-
-    def delays(self) -> Iterator[float]:
-        for n in range(self.attempts - 1):
-            base = min(self.max_delay, self.backoff * (2**n))
-            yield base * (1 + 0.25 * random.random())
-
-
-_TRANSIENT_TEXT = (
-    "max retries exceeded",
-    "failed to establish a new connection",
-    "connection refused",
-    "connection aborted",
-    "connection reset",
-    "remote end closed connection",
-    "read timed out",
-    "connect timeout",
-    "timed out",
-    "temporarily unavailable",
-    "database is locked",
-    "could not connect to server",
-    "server closed the connection",
-    "name or service not known",
-    "connectionerror",
-)
-_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-_TRANSIENT_HTTP = {429, 502, 503, 504}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether exc says the store could not be reached (worth retrying)."""
-    if isinstance(exc, MlflowException):
-        if exc.error_code in _TRANSIENT_CODES:
-            return True
-        text = str(exc.message).lower()
-        if any(f"status code {c}" in text or f"error code {c}" in text for c in _TRANSIENT_HTTP):
-            return True
-        return any(t in text for t in _TRANSIENT_TEXT)
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    name = type(exc).__name__
-    module = type(exc).__module__ or ""
-    if module.startswith(("requests", "urllib3")) and (
-        "Connection" in name or "Timeout" in name or "Protocol" in name
-    ):
-        return True
-    if module.startswith("sqlalchemy") and name == "OperationalError":
-        return True
-    return any(t in str(exc).lower() for t in ("database is locked", "connection refused"))
+# ------------------------------------------------------------------------------- store
 
 
 def _error_code(exc: BaseException) -> str | None:
     return exc.error_code if isinstance(exc, MlflowException) else None
 
-
-# ------------------------------------------------------------------------------- store
 
 _FLUENT_LOCK = threading.RLock()
 _FLUENT_ENV = (
@@ -258,7 +106,8 @@ _FLUENT_ENV = (
 
 class Store:
     """An :class:`mlflow.MlflowClient` for one tracking URI (also the registry URI), with
-    fcpts's retry policy and error messages around every call."""
+    the retries of :mod:`fcpts.tracking.retry` and fcpts's error messages around every
+    call. ``uri`` is the URI without credentials (they went to the environment)."""
 
     def __init__(
         self,
@@ -267,13 +116,18 @@ class Store:
         retry: RetryPolicy | None = None,
         root: str | os.PathLike = DEFAULT_ROOT,
     ) -> None:
-        self.uri = resolve_tracking_uri(tracking_uri, root)
+        self.uri = export_credentials(resolve_tracking_uri(tracking_uri, root))
         self.safe_uri = redact(self.uri)
-        self.retry = retry or RetryPolicy.from_env()
-        db = sqlite_path(self.uri)
-        if db is not None:
-            db.absolute().parent.mkdir(parents=True, exist_ok=True)
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.retry = retry
+        if sqlite_path(self.uri) is None:
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            return
+        with first_use(self.uri):  # the first process creates the tables, alone
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self.check()
+            self.call(
+                "reach the model registry", self.client.search_registered_models, max_results=1
+            )
 
     # -- calls
 
@@ -285,33 +139,41 @@ class Store:
         passthrough: Iterable[str] = (),
         **kwargs: Any,
     ) -> T:
-        """``fn(*args, **kwargs)``, retried while the store is unreachable.
+        """``fn(*args, **kwargs)``, retried while the store is unreachable (by MLflow for an
+        HTTP store, by this loop for a database).
 
         ``what`` completes "could not ..." in the error message. MlflowExceptions whose
         error code is in ``passthrough`` (e.g. ``RESOURCE_ALREADY_EXISTS``) are re-raised
         as they are for the caller to handle; any other failure becomes a ServiceError.
         """
         passthrough = set(passthrough)
-        delays = self.retry.delays()
+        http = is_http(self.uri)
+        if http:
+            attempts = self.retry.attempts if self.retry else http_attempts()
+            delays: Iterator[float] = iter(())
+        else:
+            delays = (self.retry or RetryPolicy.from_env()).delays()
+            attempts = 0
         start = time.monotonic()
-        attempt = 0
         while True:
-            attempt += 1
+            attempts += 0 if http else 1
             try:
-                return fn(*args, **kwargs)
+                with http_retries(self.retry if http else None):
+                    return fn(*args, **kwargs)
             except Exception as exc:
                 if _error_code(exc) in passthrough:
                     raise
                 if not is_transient(exc):
                     if isinstance(exc, MlflowException):
                         raise ServiceError(
-                            f"MLflow at {self.safe_uri} refused to {what}: {redact(exc.message)}"
+                            f"MLflow at {self.safe_uri} refused to {what}: "
+                            f"{redact(exc.message).splitlines()[0][:500]}"
                         ) from None
                     raise
                 delay = next(delays, None)
                 if delay is None:
                     raise ServiceError(
-                        self.unreachable_message(what, attempt, time.monotonic() - start, exc)
+                        self.unreachable_message(what, attempts, time.monotonic() - start, exc)
                     ) from None
                 time.sleep(delay)
 
@@ -341,6 +203,17 @@ class Store:
     def check(self) -> None:
         """Raise ServiceError unless the store answers a cheap request."""
         self.call("reach the tracking store", self.client.search_experiments, max_results=1)
+
+    def reachable_now(self) -> None:
+        """:meth:`check` with a single try (no retries): a clear one-line ServiceError at
+        once when nothing answers, e.g. before a pipeline starts."""
+        self.with_retry(RetryPolicy(attempts=1)).check()
+
+    def with_retry(self, retry: RetryPolicy | None) -> Store:
+        """This store (same client) with another retry policy."""
+        other = copy.copy(self)
+        other.retry = retry
+        return other
 
     # -- experiments
 

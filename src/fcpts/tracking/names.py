@@ -12,16 +12,12 @@ NA = "n/a"
 DEFAULT_EXPERIMENT = "fcpts"
 PIPELINE_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-# ---- run params: the same names on every run (n/a where they do not apply)
-PARAM_NAMES = (
+# ---- run params: the same names on every run (n/a where they do not apply); besides
+# these, every declared setting of every method by its outside name (see param_names)
+RUN_PARAM_NAMES = (
     "target",
     "allocator",
     "score",
-    "lam",
-    "lr",
-    "weight_lr",
-    "iters",
-    "joint",
     "seed",
     "calibration_samples",
     "model_source",
@@ -73,3 +69,15 @@ V_DECISION = "decision"  # champion, challenger, former champion, rolled back
 V_REASON = "decision_reason"
 M_CHAMPION_HISTORY = "fcpts.champion_history"  # JSON list of versions, oldest first
 LOCK_SUFFIX = ".fcpts-lock"
+
+# ---- MLflow error codes fcpts handles
+ERR_EXISTS = "RESOURCE_ALREADY_EXISTS"
+ERR_MISSING = "RESOURCE_DOES_NOT_EXIST"
+
+
+def param_names() -> tuple[str, ...]:
+    """Every param a pipeline run logs: :data:`RUN_PARAM_NAMES`, then each declared method
+    setting by its flag's name (:mod:`fcpts.alloc.declared`), the same set on every run."""
+    from ..alloc.declared import method_settings
+
+    return RUN_PARAM_NAMES + tuple(s.dest for _, s in method_settings())
