@@ -15,20 +15,9 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import FcptsError, UserError
 from . import pipeline, registry, run, step_commands, submit, sweep
-from .common import (  # noqa: F401  (re-exported: the CLI's names before it became a package)
-    DEFAULT_PIPELINE_FILE,
-    DEFAULT_ROOT,
-    DEFAULT_TOLERANCE,
-    PIPELINE_STEPS,
-    PROG,
-    RUN_DEFAULT_TARGET,
-    Formatter,
-    allocator_settings,
-    one_line,
-    selection_overrides,
-)
-from .config import apply_config, load_config  # noqa: F401
-from .pipeline import cmd_compile, load_pipeline_module, project_root  # noqa: F401
+from .common import PROG, Formatter, one_line
+from .config import apply_config
+from .pipeline import cmd_compile, load_pipeline_module  # noqa: F401  (used by tests and tools)
 from .registry import cmd_promote, cmd_rollback
 from .run import cmd_run
 from .step_commands import cmd_allocate, cmd_calibrate, cmd_evaluate, cmd_register

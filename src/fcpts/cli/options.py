@@ -5,6 +5,7 @@ the steps' options (:mod:`fcpts.steps.options`), the sources and the layer selec
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..core import LayerSelection
 from ..sources import Sources
@@ -79,17 +80,25 @@ def add_allocator(p: argparse.ArgumentParser, target_required: bool) -> None:
         f"methods: {methods_help()}; fcpts learns the allocation, the others are baselines.",
         required=("target",) if target_required else (),
     )
-    g.add_argument(
+    add_set(
+        g,
+        "an allocator setting by its name, e.g. --set schedule=cosine (every setting also "
+        "has its own flag, listed under the method's settings below; config file: a 'settings' "
+        "mapping or the flag names)",
+    )
+    add_allocator_settings(p)
+
+
+def add_set(group: Any, help_text: str) -> None:
+    """``--set KEY=VALUE``: a method setting by its own name (repeatable)."""
+    group.add_argument(
         "--set",
         dest="settings_flags",
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="an allocator setting by its name, e.g. --set schedule=cosine (every setting also "
-        "has its own flag, listed under the method's settings below; config file: a 'settings' "
-        "mapping or the flag names)",
+        help=help_text,
     )
-    add_allocator_settings(p)
 
 
 def add_checkpoints(p: argparse.ArgumentParser) -> None:

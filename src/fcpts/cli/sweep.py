@@ -23,6 +23,7 @@ from ..steps.options import (
 )
 from .common import allocator_settings, get_option
 from .derive import add_group, given
+from .options import add_set
 
 COMMAND = "sweep"
 DESCRIPTION = """\
@@ -132,13 +133,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="search range, repeatable: floats on a log scale, integers uniformly, score a comma "
         "list; LO:LO fixes a setting (defaults: " + _space_defaults() + ")",
     )
-    g.add_argument(
-        "--set",
-        dest="settings_flags",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="fix another fcpts setting for every trial, e.g. --set schedule=constant "
+    add_set(
+        g,
+        "fix another fcpts setting for every trial, e.g. --set schedule=constant "
         "(config file: a 'settings' mapping)",
     )
     g.add_argument(
