@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/peers/run_peers.py --results bench/RESULTS.md
 
 docs: $(STAMP)
 	$(PY) -m fcpts.cli.docs README.md

@@ -230,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="0.5,0.7,0.8,0.9")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--venv", default=str(VENV))
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="also write the table as its own section of this Markdown file (bench/RESULTS.md), "
+        "keeping the file's other sections",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="measure nothing: render the rows a run wrote with --out",
+    )
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in LABELS]:
@@ -243,15 +254,48 @@ def main(argv: list[str] | None = None) -> int:
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    python = ensure_venv(Path(args.venv), REQUIREMENTS, log)
-    with tempfile.TemporaryDirectory(prefix="fcpts-peers-") as work:
-        rows = measure(methods, targets, python, Path(work), log)
-    text = table(rows, targets)
-    print(f"machine: {machine()}\n\n{text}")
-    if args.out:
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        rows = payload["rows"]
+    else:
+        python = ensure_venv(Path(args.venv), REQUIREMENTS, log)
+        with tempfile.TemporaryDirectory(prefix="fcpts-peers-") as work:
+            rows = measure(methods, targets, python, Path(work), log)
         payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    text = table(rows, targets)
+    print(f"machine: {payload['machine']}\n\n{text}")
+    if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.results:
+        write_section(Path(args.results), payload, text)
     return 0
+
+
+SECTION = "## Peers: llm-compressor on all-MiniLM-L6-v2 (held-out cosine / NN / CPU s)"
+
+
+def write_section(path: Path, payload: dict, text: str) -> None:
+    """Replace (or add) this benchmark's section of ``path``; other sections stay."""
+    body = (
+        f"{SECTION}\n\nWritten by `bench/peers/run_peers.py` (make bench) on {payload['date']}; "
+        f"machine: {payload['machine']}. llm-compressor 0.14.0.1 in its own venv "
+        "(bench/.venv-peers), `oneshot` with `sequential_targets=[\"BertLayer\"]`, "
+        "`targets=[\"Linear\"]`, `ignore=[\"re:.*pooler.*\"]`, on the same 512 calibration "
+        "sentences (sent unpadded: padded positions would enter its Hessians) and scored on "
+        "the same 512 held-out sentences with fcpts.metrics.\n\n" + text + "\n"
+    )
+    old = path.read_text() if path.exists() else ""
+    parts, current = [], None
+    for line in old.splitlines(keepends=True):
+        if line.startswith("## "):
+            current = line.rstrip("\n")
+            parts.append([current, line])
+        elif parts:
+            parts[-1][1] += line
+        else:
+            parts.append([None, line])
+    kept = [text_ for title, text_ in parts if title != SECTION]
+    path.write_text("".join(kept).rstrip("\n") + "\n\n" + body)
 
 
 if __name__ == "__main__":
