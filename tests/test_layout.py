@@ -60,14 +60,25 @@ def part(module: str) -> str:
     return sub if sub in NOT_CORE else "core"
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of the module except those under ``if TYPE_CHECKING:`` (annotations
+    only: never imported when the code runs)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in ast.walk(child))
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def imports(module: str) -> list[tuple[str, list[str], int]]:
     """(imported module, names taken from it, line) for every import in the module,
-    function-level ones included; relative imports resolved."""
+    function-level ones included, type-checking-only ones not; relative imports resolved."""
     path = MODULES[module]
     tree = ast.parse(path.read_text())
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             out.extend((alias.name, [], node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

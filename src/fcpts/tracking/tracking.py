@@ -22,18 +22,9 @@ Layout: one MLflow run per pipeline run, no child runs; every key says its step.
   own ``mlflow.source.git.commit``, shown by the UI), ``fcpts.step.<step>`` (running,
   done, failed), ``fcpts.failed_step``.
 
-Why one run and not a parent with a child run per step: MLflow compares *runs*. With one
-run per pipeline, the experiment table has one row per pipeline and the compare view puts
-a pipeline's settings (``target``, ``lam``) and its results (``evaluate/sparse``,
-``allocate/achieved_sparsity``) in the same column, so the parallel-coordinates, scatter
-and contour plots can relate a setting to a result (e.g. ``target`` against
-``evaluate/sparse``). With child runs the settings sit on the allocate child and the
-results on the evaluate child: those plots cannot pair them, the table shows four rows
-per pipeline with mostly empty cells, and comparing two pipelines means picking eight
-runs. The step prefixes keep the steps apart where it matters: MLflow's chart view groups
-metrics into one section per prefix (``allocate``, ``evaluate``, ...), and the allocator
-curves of several pipelines overlay in one chart. A step's status and wall time stay
-visible as the ``fcpts.step.<step>`` tag and the ``<step>/seconds`` metric.
+Why one run and not a parent with a child run per step: MLflow compares *runs*, so a
+pipeline's settings and results must sit on one run for the compare view's plots to relate
+them (the README's tracking section says more); the step prefixes keep the steps apart.
 
 Steps may run in separate processes (or containers): each opens the same MLflow run with
 :meth:`PipelineRun.open` and the pipeline run id, which finds the run by its
@@ -93,8 +84,6 @@ __all__ = [
 
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 
-
-# ---------------------------------------------------------------------------- the run
 
 
 class PipelineRun:
