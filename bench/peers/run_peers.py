@@ -279,8 +279,8 @@ def write_section(path: Path, payload: dict, text: str) -> None:
     body = (
         f"{SECTION}\n\nWritten by `bench/peers/run_peers.py` (make bench) on {payload['date']}; "
         f"machine: {payload['machine']}. llm-compressor 0.14.0.1 in its own venv "
-        "(bench/.venv-peers), `oneshot` with `sequential_targets=[\"BertLayer\"]`, "
-        "`targets=[\"Linear\"]`, `ignore=[\"re:.*pooler.*\"]`, on the same 512 calibration "
+        '(bench/.venv-peers), `oneshot` with `sequential_targets=["BertLayer"]`, '
+        '`targets=["Linear"]`, `ignore=["re:.*pooler.*"]`, on the same 512 calibration '
         "sentences (sent unpadded: padded positions would enter its Hessians) and scored on "
         "the same 512 held-out sentences with fcpts.metrics.\n\n" + text + "\n"
     )

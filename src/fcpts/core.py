@@ -53,12 +53,12 @@ class LayerSelection:
             kfp=False,
         ),
     ] = field(default_factory=dict)
-    min_sparsity: Annotated[
-        float, Opt("lowest sparsity of any layer", metavar="S", kfp=False)
-    ] = 0.0
-    max_sparsity: Annotated[
-        float, Opt("highest sparsity of any layer", metavar="S", kfp=False)
-    ] = 1.0
+    min_sparsity: Annotated[float, Opt("lowest sparsity of any layer", metavar="S", kfp=False)] = (
+        0.0
+    )
+    max_sparsity: Annotated[float, Opt("highest sparsity of any layer", metavar="S", kfp=False)] = (
+        1.0
+    )
 
     def find(self, model: nn.Module) -> list[LayerSpec]:
         return find_prunable(

@@ -85,7 +85,6 @@ __all__ = [
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 
-
 class PipelineRun:
     """The MLflow run of one fcpts pipeline run. Use :meth:`open`."""
 
