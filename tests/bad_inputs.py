@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fcpts.tracking.retry import scoped_env
+
 
 @dataclass(frozen=True)
 class Row:
@@ -722,21 +724,6 @@ class Outcome:
         return lines[-1] if lines else ""
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """Set environment variables for the duration of the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def row_env(row: Row, s3_env: dict[str, str] | None) -> dict[str, str]:
     port = str(closed_port())
     env = {k: v.replace("{closed}", port) for k, v in row.env}
@@ -752,7 +739,7 @@ def run_row(row: Row, ws: Path, s3_env: dict[str, str] | None = None) -> Outcome
 
     err, out = io.StringIO(), io.StringIO()
     with (
-        environment(row_env(row, s3_env)),
+        scoped_env(row_env(row, s3_env)),
         contextlib.redirect_stderr(err),
         contextlib.redirect_stdout(out),
     ):

@@ -89,17 +89,23 @@ def http_retries(policy: RetryPolicy | None) -> Iterator[None]:
         ENV_HTTP_RETRIES: str(max(0, policy.attempts - 1)),
         ENV_HTTP_BACKOFF: str(math.ceil(policy.backoff)),
     }
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with _ENV_LOCK, scoped_env(values):
+        yield
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # (what the low-level error says, what the user is told), first match wins
