@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # OpenMP threads that spin while waiting make torch many times slower on a busy machine
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test bench lint docs clean
+.PHONY: install run test bench lint docs clean image lock
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,20 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines
 	$(VENV)/bin/ruff format --check src tests bench components pipelines
+
+# The container image the KFP steps run in: `make image` (VARIANT=cuda for --gpu, PUSH=1 to
+# push), with docker or podman. IMAGE defaults to $$FCPTS_IMAGE, else components.IMAGE; the
+# CUDA variant is tagged $$FCPTS_CUDA_IMAGE, else IMAGE-cuda (what --gpu compiles to).
+IMAGE ?= $(or $(FCPTS_IMAGE),$(shell sed -n 's/^IMAGE = "\(.*\)"$$/\1/p' components/__init__.py))
+VARIANT ?= cpu
+IMAGE_TAG = $(if $(filter cuda,$(VARIANT)),$(or $(FCPTS_CUDA_IMAGE),$(IMAGE)-cuda),$(IMAGE))
+
+image:
+	sh components/image.sh '$(IMAGE_TAG)' '$(VARIANT)' '$(PUSH)'
+
+# The image's pinned requirements, from the packages installed in .venv
+lock: $(STAMP)
+	$(PY) -m components.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache
