@@ -59,7 +59,8 @@ STEPS = {
         "model.safetensors (the whole state_dict) and manifest.json. The fcpts method "
         "checkpoints every 25 iterations next to the output path and resumes from there, so a "
         "retry of this step that sees the same disk continues where the killed one stopped "
-        "(a retry in a new pod starts afresh).",
+        "(a retry in a new pod too when the pipeline is compiled with --checkpoint-pvc, which "
+        "mounts a volume for the checkpoint; without it a retry in a new pod starts afresh).",
         inputs=(("calibration", "Dataset"),),
         outputs=(("sparse_model", "Model"),),
         groups=(

@@ -3,7 +3,8 @@ the step chain calibrate -> allocate -> evaluate -> register-if-approved (:func:
 and pipeline functions whose parameters are derived from the components' declared
 options (:func:`pipeline`), so no parameter list is typed twice.
 
-Tracking: every step gets ``tracking_uri`` (empty: no tracking), ``experiment`` and
+Tracking: every step gets ``tracking_uri`` (empty: ``$MLFLOW_TRACKING_URI``, on a cluster
+from the fcpts-mlflow secret, if set; ``none``: no tracking), ``experiment`` and
 ``pipeline_run_id``, plus ``kfp_run_id`` = the KFP run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``,
 resolved by a cluster and by kfp.local alike), which the steps use when
 ``pipeline_run_id`` is empty, so all steps of one KFP run share one MLflow run without an
@@ -26,6 +27,7 @@ from components.build import STEPS, kfp_default, kfp_type, parameters
 from components.calibrate.component import calibrate
 from components.evaluate.component import evaluate
 from components.register.component import register
+from fcpts.steps.options import ClusterOptions
 
 COMPONENTS = {"calibrate": calibrate, "allocate": allocate, "evaluate": evaluate}
 KFP_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
@@ -53,12 +55,33 @@ STEP_TIMEOUTS = {
 }
 
 
-def configure(task, step: str, retries: bool, resources: dict | None = None):
-    """Set a task's requests, limits, caching, timeout and Kubernetes secrets (as
-    environment variables, see pipelines/k8s.py), and its retry policy when ``retries``."""
+def in_image(component, image: str):
+    """``component`` running in ``image`` (the same component when it already does)."""
+    if component.component_spec.implementation.container.image == image:
+        return component
+    return dsl.component(base_image=image, install_kfp_package=False)(component.python_func)
+
+
+def step_task(component, step: str, cluster: ClusterOptions, **arguments):
+    """The task of ``component`` for ``step``, in the step's image (pipelines/k8s.py)."""
+    from pipelines.k8s import step_image
+
+    return in_image(component, step_image(cluster, step))(**arguments)
+
+
+def configure(
+    task,
+    step: str,
+    retries: bool,
+    resources: dict | None = None,
+    cluster: ClusterOptions | None = None,
+):
+    """Set a task's requests, limits, caching, timeout, Kubernetes secrets (as environment
+    variables), accelerators and checkpoint volume (``cluster``, see pipelines/k8s.py), and
+    its retry policy when ``retries``."""
     from kfp import kubernetes
 
-    from pipelines.k8s import use_secrets
+    from pipelines.k8s import use_cluster, use_secrets
 
     spec = (resources or STEP_RESOURCES)[step]
     cpu, cpu_limit, memory, memory_limit, num_retries, cache = spec
@@ -69,6 +92,8 @@ def configure(task, step: str, retries: bool, resources: dict | None = None):
         task.set_retry(num_retries=num_retries, backoff_duration=BACKOFF, backoff_factor=2.0)
     kubernetes.set_timeout(task, STEP_TIMEOUTS[step])
     use_secrets(task, step)
+    if cluster is not None:
+        use_cluster(task, step, cluster)
     return task
 
 
@@ -130,9 +155,12 @@ def chain(
     retries: bool,
     resources: dict | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    cluster: ClusterOptions | None = None,
 ):
-    """calibrate -> allocate -> evaluate, then register under ``dsl.If`` on the gate;
-    returns the calibrate, allocate and evaluate tasks.
+    """calibrate -> allocate -> evaluate, then register under ``dsl.If`` on the gate, each
+    in its image with its accelerators and volumes (``cluster``, resolved by
+    ``pipelines.k8s.cluster_options``; None: the defaults); returns the calibrate,
+    allocate and evaluate tasks.
 
     kfp.local 2.17 (SubprocessRunner) runs ``dsl.If`` itself, but its condition evaluator
     only resolves a task output named ``Output`` (the channel ``<task>-Output``): a named
@@ -141,22 +169,20 @@ def chain(
     gate is evaluate's return value, ``evaluate.outputs["Output"]``, which both the local
     runner and a cluster resolve.
     """
+    from pipelines.k8s import cluster_options
+
     overrides = overrides or {}
-    cal = calibrate(**step_arguments("calibrate", params, overrides.get("calibrate")))
-    configure(cal, "calibrate", retries, resources)
-    alloc = allocate(
-        calibration=cal.outputs["calibration"],
-        **step_arguments("allocate", params, overrides.get("allocate")),
-    )
-    configure(alloc, "allocate", retries, resources)
+    cluster = cluster or cluster_options()
+
+    def step(component, name: str, **artifacts):
+        arguments = step_arguments(name, params, overrides.get(name))
+        task = step_task(component, name, cluster, **artifacts, **arguments)
+        return configure(task, name, retries, resources, cluster)
+
+    cal = step(calibrate, "calibrate")
+    alloc = step(allocate, "allocate", calibration=cal.outputs["calibration"])
     sparse = alloc.outputs["sparse_model"]
-    ev = evaluate(sparse_model=sparse, **step_arguments("evaluate", params))
-    configure(ev, "evaluate", retries, resources)
+    ev = step(evaluate, "evaluate", sparse_model=sparse)
     with dsl.If(ev.outputs["Output"] == True, name="approved"):  # noqa: E712 (a KFP condition, not a Python comparison)
-        reg = register(
-            sparse_model=sparse,
-            metrics=ev.outputs["metrics"],
-            **step_arguments("register", params),
-        )
-        configure(reg, "register", retries, resources)
+        step(register, "register", sparse_model=sparse, metrics=ev.outputs["metrics"])
     return cal, alloc, ev

@@ -12,7 +12,7 @@ the gate) and register (a side effect).
 
 Its parameters are the union of the four components' parameters (derived from the
 declared options; see components/<step>/README.md). Tracking: ``tracking_uri`` (empty:
-none), ``experiment`` and ``pipeline_run_id`` (empty: the KFP run's id) put all four steps
+``$MLFLOW_TRACKING_URI`` from the fcpts-mlflow secret if set; ``none``: off), ``experiment`` and ``pipeline_run_id`` (empty: the KFP run's id) put all four steps
 in one MLflow run. The gate is evaluate's return value ``Output`` (see ``chain`` in
 ``pipelines/common.py`` for why).
 """
@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 from kfp.dsl import Artifact, Dataset, Model
 
+from fcpts.steps.options import ClusterOptions
 from pipelines.common import chain, pipeline, pipeline_parameters
+from pipelines.k8s import cluster_options
 
 PIPELINE_NAME = "fcpts-sparsify"
 STEPS = ("calibrate", "allocate", "evaluate", "register")
@@ -34,12 +36,14 @@ class Outputs(NamedTuple):
     evaluation: Artifact
 
 
-def build(retries: bool = True):
+def build(retries: bool = True, cluster: ClusterOptions | None = None):
     """The pipeline. ``retries=False`` drops the retry policies (``fcpts run``: on one
-    machine a failed step fails the same way again)."""
+    machine a failed step fails the same way again); ``cluster``: the image, accelerators
+    and checkpoint volume (pipelines/k8s.py; None: the defaults and the environment's)."""
+    resolved = cluster_options(cluster)
 
     def body(params):
-        cal, alloc, ev = chain(params, retries)
+        cal, alloc, ev = chain(params, retries, cluster=resolved)
         return Outputs(
             calibration=cal.outputs["calibration"],
             sparse_model=alloc.outputs["sparse_model"],

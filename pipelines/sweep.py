@@ -36,8 +36,10 @@ from kfp.dsl import Artifact, Dataset, Model
 
 from components.sweep.component import sweep_best, sweep_prepare, sweep_worker
 from fcpts.settings import Opt, declared
-from pipelines.common import KFP_TYPES, STEP_RESOURCES, chain, configure, pipeline
+from fcpts.steps.options import ClusterOptions
+from pipelines.common import KFP_TYPES, STEP_RESOURCES, chain, configure, pipeline, step_task
 from pipelines.common import pipeline_parameters as step_parameters
+from pipelines.k8s import cluster_options
 
 PIPELINE_NAME = "fcpts-sweep"
 STEPS = ("calibrate", "allocate", "evaluate", "register")
@@ -97,17 +99,21 @@ def given(component, params: dict) -> dict:
     return {k: params[k] for k in component.component_spec.inputs if k in params}
 
 
-def build(retries: bool = True):
-    """The pipeline; ``retries=False`` drops the retry policies (local runs)."""
+def build(retries: bool = True, cluster: ClusterOptions | None = None):
+    """The pipeline; ``retries=False`` drops the retry policies (local runs); ``cluster``:
+    the image, accelerators and checkpoint volume (pipelines/k8s.py)."""
+    c = cluster_options(cluster)
 
     def body(p):
-        prep = sweep_prepare(**given(sweep_prepare, p))
-        configure(prep, "sweep-prepare", retries, RESOURCES)
+        prep = step_task(sweep_prepare, "sweep-prepare", c, **given(sweep_prepare, p))
+        configure(prep, "sweep-prepare", retries, RESOURCES, c)
         with dsl.ParallelFor(prep.output, name="workers") as worker:
-            work = sweep_worker(worker=worker, **given(sweep_worker, p))
-            configure(work, "sweep-worker", retries, RESOURCES)
-        best = sweep_best(**given(sweep_best, p)).after(work)
-        configure(best, "sweep-best", retries, RESOURCES)
+            work = step_task(
+                sweep_worker, "sweep-worker", c, worker=worker, **given(sweep_worker, p)
+            )
+            configure(work, "sweep-worker", retries, RESOURCES, c)
+        best = step_task(sweep_best, "sweep-best", c, **given(sweep_best, p)).after(work)
+        configure(best, "sweep-best", retries, RESOURCES, c)
         score, settings = best.outputs["score"], best.outputs["settings"]
         cal, alloc, ev = chain(
             p,
@@ -117,6 +123,7 @@ def build(retries: bool = True):
                 "calibrate": {"score": score},
                 "allocate": {"method": "fcpts", "score": score, "settings": settings},
             },
+            cluster=c,
         )
         return Outputs(
             sweep=best.outputs["sweep"],

@@ -55,6 +55,7 @@ def sweep_prepare(
     from fcpts.errors import UserError
     from fcpts.steps import settings_from_json
     from fcpts.steps.entry import sources as kfp_sources
+    from fcpts.steps.entry import tracking_uri as tracked_to
     from fcpts.sweep import SearchSpace, SweepSpec, prepare_study, shared_storage
 
     if workers < 1:
@@ -78,7 +79,7 @@ def sweep_prepare(
         spec,
         shared_storage(storage),
         study,
-        tracking_uri=tracking_uri,
+        tracking_uri=tracked_to(tracking_uri),
         device=device,
         heartbeat_interval=max(1, grace // 4),
         grace_period=grace,
@@ -105,6 +106,7 @@ def sweep_worker(
 ) -> int:
     """Run worker ``worker``'s share of ``trials`` (split evenly over ``workers``) on the
     shared study; returns how many trials it ran."""
+    from fcpts.steps.entry import tracking_uri as tracked_to
     from fcpts.sweep import run_worker, shared_storage, trial_shares
 
     n = trial_shares(trials, workers)[worker]
@@ -114,7 +116,7 @@ def sweep_worker(
         n,
         worker=worker,
         device=device,
-        tracking_uri=tracking_uri,
+        tracking_uri=tracked_to(tracking_uri),
         threads=threads or None,
         heartbeat_interval=max(1, grace // 4),
         grace_period=grace,
@@ -137,9 +139,12 @@ def sweep_best(
     import json
     from collections import namedtuple
 
+    from fcpts.steps.entry import tracking_uri as tracked_to
     from fcpts.sweep import finish_sweep, shared_storage
 
-    best = finish_sweep(shared_storage(storage), study, sweep.path, tracking_uri=tracking_uri)
+    best = finish_sweep(
+        shared_storage(storage), study, sweep.path, tracking_uri=tracked_to(tracking_uri)
+    )
     sweep.metadata.update(
         {
             "value": best["value"],

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ..steps.entry import NO_TRACKING
 from .common import selection_overrides
 
 TRACKING_PARAMETERS = ("tracking_uri", "experiment", "pipeline_run_id")
@@ -28,7 +29,8 @@ def pipeline_arguments(
     the option's value, else the parameter's default (``parameters``: name -> default, by
     default the sparsify pipeline's); ``settings`` are the allocator settings built from
     the options; ``tracking`` is the run's :class:`~fcpts.steps.tracked.Tracking` (None:
-    no tracking)."""
+    no tracking, passed as ``tracking_uri`` "none": an empty one would be
+    ``$MLFLOW_TRACKING_URI``)."""
     if parameters is None:
         from .pipeline import load_pipeline_module
 
@@ -45,6 +47,8 @@ def pipeline_arguments(
             for name in TRACKING_PARAMETERS
         },
     }
+    if tracking is None:
+        given["tracking_uri"] = NO_TRACKING
     out = {}
     for name, default in parameters.items():
         value = given[name] if name in given else getattr(args, name, None)

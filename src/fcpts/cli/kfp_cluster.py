@@ -107,8 +107,9 @@ def kfp_errors(host: str, action: str) -> Iterator[None]:
         raise
 
 
-def load_pipeline(name: str) -> Any:
-    """The pipeline function of ``pipelines/<name>.py`` in the checkout (with retries)."""
+def load_pipeline(name: str, cluster: Any = None) -> Any:
+    """The pipeline function of ``pipelines/<name>.py`` in the checkout (with retries), its
+    steps where ``cluster`` (:class:`~fcpts.steps.options.ClusterOptions`) says."""
     import importlib
     import sys
 
@@ -117,7 +118,7 @@ def load_pipeline(name: str) -> Any:
     root = str(project_root())
     if root not in sys.path:
         sys.path.insert(0, root)
-    return importlib.import_module(f"pipelines.{name}").build(retries=True)
+    return importlib.import_module(f"pipelines.{name}").build(retries=True, cluster=cluster)
 
 
 def submit(

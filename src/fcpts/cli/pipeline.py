@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from .cluster import add_cluster_options, cluster_from_args
 from .common import DEFAULT_PIPELINE_FILE, PIPELINE_STEPS, Formatter, get_option, say
 
 SWEEP_PIPELINE_FILE = "sweep_pipeline.yaml"
@@ -27,7 +28,8 @@ def add_parsers(sub) -> None:
         "has CPU/memory requests and limits, a retry policy, caching and a timeout, and takes "
         "S3, MLflow and study-database credentials from the Kubernetes secrets fcpts-s3, "
         "fcpts-mlflow and fcpts-optuna-db as environment variables (never as parameters; "
-        "rename them with FCPTS_K8S_S3_SECRET, FCPTS_K8S_MLFLOW_SECRET, FCPTS_K8S_OPTUNA_SECRET).",
+        "rename them with FCPTS_K8S_S3_SECRET, FCPTS_K8S_MLFLOW_SECRET, FCPTS_K8S_OPTUNA_SECRET). "
+        "The image, accelerators and checkpoint volume are fixed here (cluster options).",
     )
     p.add_argument(
         "--out",
@@ -42,8 +44,11 @@ def add_parsers(sub) -> None:
         help=f"sweep pipeline YAML to write (default: {SWEEP_PIPELINE_FILE} beside --out)",
     )
     p.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file of options (out and sweep_out apply)"
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of options (out, sweep_out and the cluster options apply)",
     )
+    add_cluster_options(p)
 
 
 def _writable(path: Path) -> Path:
@@ -65,19 +70,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if sweep_out.resolve() == out.resolve():
         raise UserError("--out and --sweep-out name the same file: give two file names")
     from pipelines import sweep
+    from pipelines.k8s import cluster_options
 
-    # built now, not at import: the secret names come from the environment of this call
-    compiler.Compiler().compile(module.build(), str(out))
-    compiler.Compiler().compile(sweep.build(), str(sweep_out))
-    from components import IMAGE
-
+    # built now, not at import: the secret names and images come from this call's environment
+    cluster = cluster_options(cluster_from_args(args))
+    compiler.Compiler().compile(module.build(cluster=cluster), str(out))
+    compiler.Compiler().compile(sweep.build(cluster=cluster), str(sweep_out))
+    where = f"image {cluster.image}"
+    if cluster.gpu:
+        where += f"; {cluster.gpu} x {cluster.gpu_type} for the allocator in {cluster.cuda_image}"
+    if cluster.checkpoint_pvc:
+        where += f"; allocate checkpoints on PVC {cluster.checkpoint_pvc}"
     print(
         f"wrote {out}: pipeline {module.PIPELINE_NAME} (calibrate -> allocate -> evaluate -> register if "
-        f"approved), image {IMAGE}"
+        f"approved), {where}"
     )
     print(
         f"wrote {sweep_out}: pipeline {sweep.PIPELINE_NAME} (sweep workers -> best settings -> calibrate -> "
-        f"allocate -> evaluate -> register if approved), image {IMAGE}"
+        f"allocate -> evaluate -> register if approved), {where}"
     )
     return 0
 

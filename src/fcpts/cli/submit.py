@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .cluster import add_cluster_options, cluster_from_args, cluster_keys
 from .common import PROG, Formatter, say
 from .kfp_cluster import DEFAULT_EXPERIMENT, PIPELINES, SubmitConfig, load_pipeline, submit
 from .schedule import CRON_HELP, parse_schedule
@@ -80,7 +81,9 @@ def pipeline_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that go to the pipeline: not this machine's, not submit's, not None;
     ``bounds`` given as a mapping ``{pattern: [min, max]}`` written as --bounds values."""
     given = {
-        k: v for k, v in options.items() if v is not None and k not in LOCAL_KEYS | SUBMIT_KEYS
+        k: v
+        for k, v in options.items()
+        if v is not None and k not in LOCAL_KEYS | SUBMIT_KEYS | cluster_keys()
     }
     if isinstance(given.get("bounds"), Mapping):
         given["bounds"] = [f"{p}={lo}:{hi}" for p, (lo, hi) in given["bounds"].items()]
@@ -236,6 +239,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--run-name", metavar="NAME", help="run name (default: fcpts-<pipeline>-<time>)")
     p.add_argument("--namespace", metavar="NS", help="Kubernetes namespace (multi-user clusters)")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of pipeline options")
+    add_cluster_options(p)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -253,7 +257,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     path = getattr(args, "config", None)
     options = config_options(load_config(path) if path else {}, config.pipeline)
-    pipeline = load_pipeline(config.pipeline)
+    pipeline = load_pipeline(config.pipeline, cluster_from_args(args))
     if config.pipeline == "sparsify":  # fail here, not in a pod: same checks as fcpts run
         from .common import check_allocation_options
 

@@ -12,6 +12,8 @@ import here.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -32,6 +34,9 @@ from .options import (
 )
 
 COMPONENT_STEPS = ("calibrate", "allocate", "evaluate", "register")
+# set on the allocate task by a pipeline compiled with --checkpoint-pvc: the PVC's mount
+CHECKPOINT_ROOT_ENV = "FCPTS_CHECKPOINT_ROOT"
+NO_TRACKING = "none"
 
 
 def run(step: str, inputs: Mapping[str, Any]) -> Any:
@@ -52,14 +57,24 @@ def sources(inputs: Mapping[str, Any]) -> Sources:
     return Sources(**from_kfp(Sources, inputs))
 
 
+def tracking_uri(value: str | None) -> str:
+    """A component's ``tracking_uri`` parameter as the store to track to ("": none): an
+    empty one is ``$MLFLOW_TRACKING_URI`` (on a cluster from the fcpts-mlflow secret), if
+    set; ``none`` turns tracking off."""
+    text = str(value or "").strip()
+    if text.lower() == NO_TRACKING:
+        return ""
+    return text or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
 def tracking(inputs: Mapping[str, Any]):
-    """The step's Tracking: an empty ``tracking_uri`` turns tracking off; an empty
+    """The step's Tracking (:func:`tracking_uri`; None: off); an empty
     ``pipeline_run_id`` falls back to ``kfp_run_id``, the KFP run's id."""
     from .tracked import Tracking
 
     given = from_kfp(TrackingOptions, inputs)
     return Tracking.from_component(
-        given["tracking_uri"] or "",
+        tracking_uri(given["tracking_uri"]),
         given["experiment"] or "",
         given["pipeline_run_id"] or "",
         str(inputs.get("kfp_run_id") or ""),
@@ -102,6 +117,23 @@ def _calibrate(inputs: Mapping[str, Any], started: float) -> None:
     )
 
 
+def checkpoint_dir(inputs: Mapping[str, Any]) -> str | None:
+    """Where allocate checkpoints in a KFP step: a folder per KFP run under
+    ``$FCPTS_CHECKPOINT_ROOT`` (the mounted --checkpoint-pvc, which outlives the pod, so a
+    retry in a new pod resumes); without it None (next to the output, in the pod)."""
+    root = os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
+    if not root:
+        return None
+    if not os.access(root, os.W_OK):
+        raise UserError(
+            f"the checkpoint volume at {root} (--checkpoint-pvc) is not writable by uid "
+            f"{os.getuid()}: give the PVC a storage class that lets the pod's user write, or "
+            "compile without --checkpoint-pvc"
+        )
+    run_id = re.sub(r"[^\w.-]", "_", str(inputs.get("kfp_run_id") or "").strip()) or "run"
+    return os.path.join(root, run_id)
+
+
 def _allocate(inputs: Mapping[str, Any], started: float) -> None:
     from . import allocate, settings_from_json
 
@@ -118,6 +150,7 @@ def _allocate(inputs: Mapping[str, Any], started: float) -> None:
         seed=run_options["seed"],
         device=run_options["device"],
         log_every=options["log_every"],
+        checkpoint_dir=checkpoint_dir(inputs),
         resume=True,  # a retry that sees the same disk continues (see components/README)
         tracking=tracking(inputs),
     )

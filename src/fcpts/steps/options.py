@@ -198,7 +198,8 @@ class TrackingOptions:
             "MLflow tracking store: an mlflow server (http://host:5000), a database URI, or a "
             "folder for an embedded store (default: $MLFLOW_TRACKING_URI, else the embedded "
             "sqlite:///./mlruns/mlflow.db with artifacts in ./mlruns/artifacts; in a KFP step "
-            "empty means no tracking)",
+            "empty means $MLFLOW_TRACKING_URI, from the fcpts-mlflow secret, if set, and none "
+            "turns tracking off)",
             metavar="URI",
         ),
     ] = None
@@ -254,3 +255,53 @@ class PipelineOptions:
     log_every: Annotated[
         int, Opt("print a progress line every N iterations of a learned method", cli=False)
     ] = 20
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where a compiled pipeline's steps run on a cluster: fixed when the pipeline is
+    compiled (``fcpts compile``, ``fcpts submit``), no pipeline parameters."""
+
+    image: Annotated[
+        str | None,
+        Opt(
+            "container image of the steps (default: $FCPTS_IMAGE, else the project's image "
+            "named in components/__init__.py); build and push it with make image PUSH=1",
+            metavar="REF",
+            kfp=False,
+        ),
+    ] = None
+    cuda_image: Annotated[
+        str | None,
+        Opt(
+            "image of the steps that get --gpu (default: $FCPTS_CUDA_IMAGE, else the image "
+            "with -cuda appended, as make image VARIANT=cuda tags it)",
+            metavar="REF",
+            kfp=False,
+        ),
+    ] = None
+    gpu: Annotated[
+        int,
+        Opt(
+            "accelerators requested by the steps that run the allocator (allocate, "
+            "sweep-worker), which then run in the CUDA image (0: CPU only)",
+            metavar="N",
+            kfp=False,
+        ),
+    ] = 0
+    gpu_type: Annotated[
+        str,
+        Opt(
+            "the accelerator's Kubernetes resource, used with --gpu", metavar="RESOURCE", kfp=False
+        ),
+    ] = "nvidia.com/gpu"
+    checkpoint_pvc: Annotated[
+        str | None,
+        Opt(
+            "PersistentVolumeClaim (ReadWriteOnce is enough) mounted where the allocate step "
+            "checkpoints, so a retry in a new pod resumes (default: none: the checkpoint lives "
+            "in the pod and a retry in a new pod starts afresh)",
+            metavar="NAME",
+            kfp=False,
+        ),
+    ] = None
