@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from fcpts import __version__
 from fcpts.cli import load_pipeline_module, main
@@ -182,27 +183,29 @@ def test_dockerfile_parses_and_matches_pyproject():
         assert ins.split()[0] in known, ins
 
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    deps = {Requirement(d).name: Requirement(d) for d in pyproject["dependencies"]}
     extras = pyproject["optional-dependencies"]
 
     installs = list(_pip_installs(instructions))
     assert len(installs) == 2
-    torch_args, project_args = installs
-    # CPU torch, pinned to a version that pyproject accepts
-    reqs = [Requirement(a) for a in torch_args if not a.startswith("-") and "://" not in a]
-    assert [r.name for r in reqs] == ["torch"]
-    (pin,) = reqs[0].specifier
-    assert pin.operator == "==" and deps["torch"].specifier.contains(pin.version)
-    assert "https://download.pytorch.org/whl/cpu" in torch_args
-    # fcpts itself, from the copied source, with the pipeline extra; nothing outside pyproject
-    project = [a for a in project_args if not a.startswith("-")]
-    assert len(project) == 1 and project[0].startswith(".[")
-    wanted = set(project[0][2:-1].split(","))
-    assert "pipeline" in wanted and wanted <= set(extras)
+    lock_args, project_args = installs
+    # the pinned lock of the variant first (CPU or CUDA torch), then fcpts from the copied
+    # source adding nothing unpinned; every requirement of pyproject the image needs is
+    # pinned in both locks to a version pyproject accepts
+    assert lock_args == ["-r", "$lock"] and project_args == ["--no-deps", "."]
+    from components.lock import EXTRAS, LOCKS
+
+    assert "pipeline" in EXTRAS and set(EXTRAS) <= set(extras)
+    for lock in LOCKS.values():
+        assert any(ins.startswith("COPY ") and lock.name in ins for ins in instructions)
+        lines = [x for x in lock.read_text().splitlines() if x and not x.startswith(("#", "--"))]
+        pins = {canonicalize_name(x.split("==")[0]): x.split("==")[1] for x in lines}
+        for text in [*pyproject["dependencies"], *(d for e in EXTRAS for d in extras[e])]:
+            req = Requirement(text)
+            version = pins[canonicalize_name(req.name)]
+            assert req.specifier.contains(version.split("+")[0], prereleases=True), (lock, text)
+    assert "https://download.pytorch.org/whl/cpu" in LOCKS["cpu"].read_text()
     assert any(ins.startswith("COPY pyproject.toml") for ins in instructions)
     assert any(ins.startswith("COPY src ") for ins in instructions)
-    order = [i for i, ins in enumerate(instructions) if "torch==" in ins or ".[pipeline" in ins]
-    assert "torch==" in instructions[order[0]]  # CPU torch before fcpts, so pip keeps it
 
 
 def test_component_parameters_are_the_declared_options():
