@@ -7,8 +7,9 @@ body imports fcpts inside the function and calls the step function in
 kfp, so the same component runs on a cluster and in ``kfp.local``'s SubprocessRunner.
 """
 
-# The project's image: fcpts with the pipeline and demo extras on CPU torch.
-# Build: docker build -f components/Dockerfile -t ghcr.io/fcpts/fcpts:0.1.0 .
+# The default image: fcpts with the pipeline and demo extras on CPU torch, pinned by
+# components/requirements.lock. Build it with `make image`; a pipeline compiled with
+# --image (or $FCPTS_IMAGE) runs in another (pipelines/k8s.py).
 IMAGE = "ghcr.io/fcpts/fcpts:0.1.0"
 
 __all__ = ["IMAGE"]

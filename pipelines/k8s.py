@@ -124,7 +124,7 @@ def _image(flag: str, value: str) -> str:
     if not IMAGE_RE.fullmatch(value):
         raise UserError(
             f"{flag} {value!r} is not an image reference: give [registry/]name[:tag], e.g. "
-            "ghcr.io/me/fcpts:0.1.0 (lower-case name, no spaces)"
+            "registry.example.com/team/fcpts:1.0 (lower-case name, no spaces)"
         )
     return value
 
