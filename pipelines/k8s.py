@@ -8,7 +8,9 @@ referenced by name in the compiled spec's platform section:
   ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3``, for
   ``s3://`` sources and outputs.
 * ``fcpts-mlflow`` (every step): ``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``,
-  ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_S3_ENDPOINT_URL``.
+  ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_S3_ENDPOINT_URL``. A
+  step whose ``tracking_uri`` parameter is empty tracks to that ``MLFLOW_TRACKING_URI``
+  (none there: no tracking); ``tracking_uri`` ``none`` turns tracking off.
 * ``fcpts-optuna-db`` (the sweep steps): ``FCPTS_OPTUNA_STORAGE``, the study's
   SQLAlchemy URL with its password.
 
