@@ -35,9 +35,11 @@ INDEX = {
 LOCKS = {"cpu": HERE / "requirements.lock", "cuda": HERE / "requirements-cuda.lock"}
 
 
-def closure(root: str = "fcpts", extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
+def closure(
+    root: str = "fcpts", extras: tuple[str, ...] = EXTRAS, wants: dict | None = None
+) -> dict[str, str]:
     """Installed version of every distribution ``root[extras]`` needs here, by canonical
-    name (``root`` itself left out)."""
+    name (``root`` itself left out); ``wants`` collects each requirement met on the way."""
     pins: dict[str, str] = {}
     todo = [(root, frozenset(extras))] + [(name, frozenset()) for name in IMAGE_ONLY]
     seen: set[tuple[str, frozenset]] = set()
@@ -58,6 +60,8 @@ def closure(root: str = "fcpts", extras: tuple[str, ...] = EXTRAS) -> dict[str, 
             envs = [{"extra": e} for e in wanted] or [{"extra": ""}]
             if req.marker is None or any(req.marker.evaluate(env) for env in envs):
                 todo.append((req.name, frozenset(req.extras)))
+                if wants is not None:
+                    wants.setdefault(canonicalize_name(req.name), []).append(req)
     return pins
 
 
@@ -77,22 +81,51 @@ def render(pins: dict[str, str], variant: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_pins(path: Path) -> dict[str, str]:
+    """The ``name==version`` lines of a lock file, by canonical name."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith(("#", "-")):
+            name, version = line.split("==", 1)
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def problems(path: Path, pins: dict[str, str], wants: dict[str, list]) -> list[str]:
+    """Why the lock at ``path`` does not fit the requirements: a needed distribution it
+    lacks, or a pin that a requirement excludes. Versions newer than the lock on the
+    index are no problem (the image installs the lock, not the newest release)."""
+    if not path.is_file():
+        return [f"{path.name} is missing"]
+    locked = read_pins(path)
+    found = [f"{path.name} lacks {name}" for name in sorted(set(pins) - set(locked))]
+    for name, reqs in sorted(wants.items()):
+        version = locked.get(name, "").split("+", 1)[0]
+        for req in reqs:
+            if version and not req.specifier.contains(version, prereleases=True):
+                found.append(f"{path.name} pins {name}=={version}, which {req} excludes")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.lock", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if a lock file is stale")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail if a lock file lacks a needed distribution or pins a version a requirement excludes",
+    )
     args = parser.parse_args(argv)
-    pins = closure()
+    wants: dict[str, list] = {}
+    pins = closure(wants=wants)
     stale = []
     for variant, path in LOCKS.items():
-        text = render(pins, variant)
         if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(path.name)
+            stale += problems(path, pins, wants)
             continue
-        path.write_text(text)
+        path.write_text(render(pins, variant))
         print(f"wrote {path.relative_to(HERE.parent)}: {len(pins)} pinned distributions")
     if stale:
-        print(f"lock: {', '.join(stale)} stale: run `make lock`", file=sys.stderr)
+        print("lock: " + "; ".join(stale) + ": run `make lock`", file=sys.stderr)
         return 1
     return 0
 
