@@ -21,7 +21,7 @@ class DataSource:
     ``label_range`` is the smallest and largest class label over the whole data set (every
     split), when the source knows it before any split is taken. ``flag`` names the option
     it came from and ``whole`` says whether a split takes all of it (a split's own source)
-    or its third (``--data``). A source resolved for all splits (:func:`resolve_data`)
+    or its third (``--data``; a demo has its own fixed splits). A source resolved for all splits (:func:`resolve_data`)
     describes its primary split's source and keeps every split's in ``parts``."""
 
     source: str
@@ -72,7 +72,7 @@ class DataSource:
             "sha256": self.digest,
             "classes": self.classes,
             "flag": self.flag,
-            "split_by": "whole" if self.whole else "thirds",
+            "split_by": "demo" if self.kind == "demo" else "whole" if self.whole else "thirds",
         }
         if self.parts is not None:
             out["splits"] = {
