@@ -300,3 +300,16 @@ def test_evaluate_recalibrates_batchnorm_as_allocate_would(
     other = Sources(DIGITS, calibration_data=digits_files["cal"])
     with pytest.raises(UserError, match="--recalibrate-bn needs the calibration samples"):
         evaluate(other, digits_sparse.path, tmp_path / "d", recalibrate_bn=True, **kw)
+
+
+def test_allocate_from_a_calibration_folder_takes_no_data_flag(
+    digits_calibration, digits_files, tmp_path, capsys
+):
+    from fcpts.cli import main
+
+    argv = ["allocate", "--calibration", str(digits_calibration.path), "--target", "0.5"]
+    argv += ["--evaluation-data", digits_files["eval"], "--out", str(tmp_path / "out")]
+    assert main([*argv, "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert "--evaluation-data is not used with --calibration" in err
+    assert not (tmp_path / "out").exists()
