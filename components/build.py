@@ -84,7 +84,13 @@ STEPS = {
             ("report_html", "HTML"),
             ("evaluation", "Artifact"),
         ),
-        groups=(Sources, o.EvaluationOptions, o.GateOptions, o.RunOptions),
+        groups=(
+            Sources,
+            o.EvaluationOptions,
+            (o.AllocationOptions, ("recalibrate_bn",)),
+            o.GateOptions,
+            o.RunOptions,
+        ),
         returns="bool",
     ),
     "register": Step(

@@ -370,9 +370,10 @@ def summary(
             rows.append((f"  {name}", shown + (f"  {note}" if note else "")))
         if total is not None:
             rows.append(("  total", f"{total:6.1f} s"))
-    task = next((d["task"] for d in (metrics, manifest, decision) if d and d.get("task")), None)
-    if task is not None:
-        rows.insert(2 if manifest is not None else 0, ("task", str(task)))
+    said = next((d for d in (metrics, manifest, decision) if d and d.get("task")), None)
+    if said is not None:
+        reason = f" ({said['task_reason']})" if said.get("task_reason") else ""
+        rows.insert(2 if manifest is not None else 0, ("task", f"{said['task']}{reason}"))
     width = max((len(k) for k, _ in rows), default=0)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"note: {n}" for n in notes]

@@ -110,20 +110,18 @@ def tracking_from_args(args: argparse.Namespace):
 
 
 def sources_from_args(args: argparse.Namespace):
+    """:class:`~fcpts.sources.Sources` from the flags (or config keys) of its declared
+    fields; those not given keep their defaults."""
     from ..sources import Sources
+    from .derive import given
 
-    return Sources(
-        model=args.model,
-        data=args.data,
-        weights=args.weights,
-        task=get_option(args, "task", "auto"),
-        image_size=args.image_size,
-        image_mode=get_option(args, "image_mode", "RGB"),
-    )
+    return Sources(**given(args, Sources))
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", None) and sys.stderr.isatty()
+def progress_from_args(args: argparse.Namespace) -> str:
+    """The steps' progress mode: ``off`` with --quiet, else ``auto`` (a bar on a terminal,
+    plain lines elsewhere: see :class:`fcpts.steps.progress.Progress`)."""
+    return "off" if getattr(args, "quiet", None) else "auto"
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

@@ -89,7 +89,7 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
     """Check the options before starting the pipeline (a bad input fails in a second,
     with exit code 2, instead of inside a step)."""
     from ..demos import DEMOS
-    from ..sources import DEMO_PREFIX, parse_function_source
+    from ..sources import DATA_FIELDS, DEMO_PREFIX, flag_of, parse_function_source
     from ..steps.common import selection_from_dict
     from ..steps.register import check_tolerance, load_registry
 
@@ -112,13 +112,11 @@ def _preflight(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
             and not Path(sources.weights).expanduser().is_file()
         ):
             raise UserError(f"weights file {sources.weights} does not exist")
-    if (
-        sources.data
-        and not sources.data.startswith(DEMO_PREFIX)
-        and not is_s3_uri(sources.data)
-        and not Path(sources.data).expanduser().exists()
-    ):
-        raise UserError(f"data file or folder {sources.data} does not exist")
+    for field in DATA_FIELDS:
+        spec = getattr(sources, field)
+        if spec and not spec.startswith(DEMO_PREFIX) and not is_s3_uri(spec):
+            if not Path(spec).expanduser().exists():
+                raise UserError(f"{flag_of(field)}: data file or folder {spec} does not exist")
     check_allocation_options(args.target, get_option(args, "method", "fcpts"), settings, args.score)
     check_tolerance(get_option(args, "tolerance", DEFAULT_TOLERANCE))
     selection_from_dict(selection_overrides(args))

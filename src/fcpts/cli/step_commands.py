@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..steps.options import AllocationOptions
 from ..storage import is_s3_uri
 from .common import (
     DEFAULT_TOLERANCE,
@@ -15,13 +16,13 @@ from .common import (
     check_allocation_options,
     check_positive,
     get_option,
-    progress_enabled,
+    progress_from_args,
     require_options,
     selection_overrides,
     sources_from_args,
     tracking_from_args,
 )
-from .derive import methods_help
+from .derive import add_group, methods_help
 from .options import (
     add_allocator,
     add_calibration,
@@ -96,6 +97,18 @@ def add_parsers(sub) -> None:
         help="the --out folder (or s3:// output) of `fcpts allocate` (required)",
     )
     add_evaluation(p, samples_alias=True)
+    add_group(
+        p,
+        AllocationOptions,
+        "batch norm",
+        "Without --recalibrate-bn the sparse model is scored as allocate wrote it.",
+        only=("recalibrate_bn",),
+        helps={
+            "recalibrate_bn": "re-estimate the sparse model's BatchNorm statistics on the "
+            "calibration samples (taken again from --data or --calibration-data) before "
+            "scoring it, unless allocate did"
+        },
+    )
     add_gate(p, registry=False, gate_optional=True)
     add_output(p, "folder for metrics.json and the reports, or s3://bucket/prefix (required)")
     add_tracking(p)
@@ -153,14 +166,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seed=get_option(args, "seed", 0),
         selection=selection_overrides(args) or None,
         device=get_option(args, "device", "auto"),
-        progress_bar=progress_enabled(args),
+        progress=progress_from_args(args),
         tracking=tracking_from_args(args),
     )
     info = cal.info
     norms = info["input_norm_layers"]
     print(
         f"calibrated {info['model']['source']} on {info['samples']} samples of {info['data']['source']} "
-        f"({info['batches']} batches of up to {info['batch_size']}, task {info['task']}, score {info['score']}"
+        f"({info['batches']} batches of up to {info['batch_size']}, task {info['task']} "
+        f"({info.get('task_reason') or 'given'}), score {info['score']}"
         + (f", input statistics for {len(norms)} layers" if norms else "")
         + f") in {info['step_seconds']:.1f} s\nwrote {_where(args.out, cal.path)}"
     )
@@ -184,7 +198,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "seed": get_option(args, "seed", 0),
         "device": get_option(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
-        "progress_bar": progress_enabled(args),
+        "progress": progress_from_args(args),
         "checkpoint_dir": get_option(args, "checkpoint_dir", None),
         "checkpoint_every": get_option(args, "checkpoint_every", 25),
         "resume": bool(get_option(args, "resume", False)),
@@ -193,9 +207,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     check_allocation_options(common["target"], common["method"], settings, args.score)
     tracking = tracking_from_args(args)
     if args.calibration:
-        if args.data:
+        from ..sources import DATA_FIELDS, flag_of
+
+        given = [flag_of(f) for f in DATA_FIELDS if getattr(args, f, None)]
+        if given:
             raise UserError(
-                "--data is not used with --calibration: the calibration folder holds the data"
+                f"{given[0]} is not used with --calibration: the calibration folder holds the data"
             )
         resolved = None
         if args.model:
@@ -227,7 +244,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 seed=common["seed"],
                 selection=selection,
                 device=common["device"],
-                progress_bar=common["progress_bar"],
+                progress=common["progress"],
                 resolved=resolved,
                 tracking=tracking,
             )
@@ -269,7 +286,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=get_option(args, "device", "auto"),
         tolerance=tolerance,
         latency_seconds=get_option(args, "latency_seconds", 1.0),
-        progress_bar=progress_enabled(args),
+        recalibrate_bn=bool(get_option(args, "recalibrate_bn", False)),
+        progress=progress_from_args(args),
         tracking=tracking_from_args(args),
     )
     manifest = read_manifest(input_folder(args.sparse))

@@ -34,7 +34,7 @@ The task (``--task``, :mod:`.task_choice`) is given or inferred, with the reason
 
 from __future__ import annotations
 
-from .data import DataSource, resolve_data, sample_digests, split_indices
+from .data import resolve_data, sample_digests
 from .files import local_path
 from .models import (
     ResolvedModel,
@@ -44,18 +44,21 @@ from .models import (
     state_digest,
 )
 from .scripted import layer_view
-from .spec import DEMO_PREFIX, SPLITS, TASKS, Sources
+from .spec import DATA_FIELDS, DEMO_PREFIX, SPLITS, TASKS, Sources, flag_of
+from .splits import DataSource, split_indices
 from .task_choice import (
     TaskChoice,
     check_fit,
     check_labels,
     choose_task,
+    evaluation_task,
     make_task,
     resolve_task,
     task_kind,
 )
 
 __all__ = [
+    "DATA_FIELDS",
     "DEMO_PREFIX",
     "SPLITS",
     "TASKS",
@@ -66,6 +69,8 @@ __all__ = [
     "check_fit",
     "check_labels",
     "choose_task",
+    "flag_of",
+    "evaluation_task",
     "layer_view",
     "load_weights",
     "local_path",

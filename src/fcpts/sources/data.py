@@ -1,14 +1,16 @@
 """Data sources resolved: text files, image folders, tensor files and the demos' splits.
 
-Every sample of a user's data set lands in exactly one of three splits (thirds of a seeded
-permutation), so calibration and evaluation never share a sample (see :mod:`fcpts.sources`).
+Each split (calibration, validation, evaluation) reads its own source when one is given
+(``--calibration-data``, ...: the whole source, in a seeded order), else ``--data``, whose
+samples land in exactly one of three splits (thirds of a seeded permutation), so
+calibration and evaluation never share a sample (see :mod:`fcpts.sources`).
+:func:`resolve_data` returns one :class:`DataSource` serving every split.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,95 +22,91 @@ from ..digests import sha256_file
 from ..errors import UserError
 from ..tasks import ClassifierTask
 from .files import first_line, local_path, read_safetensors, torch_load
+from .images import IMAGE_SUFFIXES, ImagePrep
 from .models import ResolvedModel
 from .spec import DEMO_PREFIX, SPLITS, Sources
+from .splits import DataSource, Picker, check_agree
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".npz")
 
 
-@dataclass
-class DataSource:
-    """A data set split three ways; ``split`` returns batches ready for the task.
-
-    ``label_range`` is the smallest and largest class label over the whole data set (every
-    split), when the source knows it before any split is taken."""
-
-    source: str
-    kind: str  # demo | text | images | tensors
-    samples: int | None  # total size (None for the demos: their splits are fixed)
-    has_labels: bool
-    digest: str | None = None
-    classes: list[str] | None = None
-    label_range: tuple[int, int] | None = None
-    _loader: Any = None
-
-    def split(self, name: str, n: int, batch_size: int, seed: int = 0) -> list[Any]:
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}")
-        if n <= 0 or batch_size <= 0:
-            raise UserError(
-                f"sample counts and batch sizes must be positive, got {n} and {batch_size}"
-            )
-        return self._loader(name, n, batch_size, seed)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "kind": self.kind,
-            "samples": self.samples,
-            "has_labels": self.has_labels,
-            "sha256": self.digest,
-            "classes": self.classes,
-        }
-
-
-def split_indices(total: int, name: str, seed: int) -> list[int]:
-    """The indices of split ``name`` of a data set of ``total`` samples (thirds of a
-    seeded permutation: disjoint whatever the sample counts asked for)."""
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed))).tolist()
-    third = total // 3
-    bounds = {
-        "calibration": (0, third),
-        "validation": (third, 2 * third),
-        "evaluation": (2 * third, total),
-    }
-    lo, hi = bounds[name]
-    return perm[lo:hi]
-
-
-def _take(total: int, name: str, n: int, seed: int, source: str) -> list[int]:
-    pool = split_indices(total, name, seed)
-    if not pool:
+def resolve_data(
+    sources: Sources, model: ResolvedModel, primary: str = "calibration"
+) -> DataSource:
+    """The data of every split: each split's own source, else ``--data`` in thirds, else
+    the demo's splits. The result describes the ``primary`` split's source (the one the
+    step reads: a UserError when it has none) and checks that the splits' sources agree
+    (one kind and sample shape, no two the same data)."""
+    fallback: list[DataSource | None] = []  # --data, resolved once for the splits it serves
+    parts: dict[str, DataSource | None] = {}
+    for name in SPLITS:
+        flag, spec = sources.split_source(name)
+        if flag != "--data":
+            parts[name] = _resolve_one(spec, flag, True, sources, model, True)
+            continue
+        if not fallback:
+            fallback.append(_resolve_one(spec, flag, False, sources, model, name == primary))
+        parts[name] = fallback[0]
+    main = parts[primary]
+    if main is None:
         raise UserError(
-            f"data {source} has {total} sample{'s' if total != 1 else ''}: too few for a {name} split (each split gets a third)"
+            f"no data given for {model.source}: pass --data (a file or folder, split in "
+            f"thirds) or --{primary}-data"
         )
-    return pool[: min(n, len(pool))]
+    check_agree(parts)
+    ranges = [p.label_range for p in parts.values() if p is not None and p.label_range]
+    return DataSource(
+        source=main.source,
+        kind=main.kind,
+        samples=main.samples,
+        has_labels=main.has_labels,
+        digest=main.digest,
+        classes=main.classes,
+        label_range=(min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None,
+        flag=main.flag,
+        whole=main.whole,
+        sample_shape=main.sample_shape,
+        parts=parts,
+    )
 
 
-def resolve_data(sources: Sources, model: ResolvedModel) -> DataSource:
-    spec = sources.data.strip() if sources.data else None
+def _resolve_one(
+    spec: str | None,
+    flag: str,
+    whole: bool,
+    sources: Sources,
+    model: ResolvedModel,
+    needed: bool,
+) -> DataSource | None:
+    """The source ``spec`` of ``flag``; None when there is none and it is not ``needed``."""
     if not spec or spec.startswith(DEMO_PREFIX):
         if model.demo is None:
+            if not needed:
+                return None
             raise UserError(f"no data given for {model.source}: pass --data (a file or folder)")
         if spec and spec.removeprefix(DEMO_PREFIX) != model.demo.name:
-            raise UserError(f"data {spec} does not belong to {model.source}; leave --data out")
+            raise UserError(f"{flag} {spec} does not belong to {model.source}; leave {flag} out")
         return _demo_data(model)
-    path = local_path(spec)
-    if not path.exists():
-        raise UserError(f"data file or folder {spec} does not exist")
-    if path.is_dir():
-        return _image_folder(path, spec, sources)
-    if path.suffix in TENSOR_SUFFIXES:
-        return _tensor_file(path, spec)
-    return _text_file(path, spec, model)
+    try:
+        path = local_path(spec)
+        if not path.exists():
+            raise UserError(f"data file or folder {spec} does not exist")
+        if path.is_dir():
+            return _image_folder(path, spec, sources, flag, whole)
+        if path.suffix in TENSOR_SUFFIXES:
+            return _tensor_file(path, spec, flag, whole)
+        return _text_file(path, spec, model, flag, whole)
+    except UserError as exc:
+        if str(exc).startswith(flag):
+            raise
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def _demo_data(model: ResolvedModel) -> DataSource:
     demo = model.demo
     labels = isinstance(demo.task, ClassifierTask)
 
-    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
+    def load(name: str, n: int, batch_size: int, seed: int, exact: bool) -> list[Any]:
         return demo.split(name, n, batch_size)
 
     return DataSource(
@@ -116,7 +114,7 @@ def _demo_data(model: ResolvedModel) -> DataSource:
     )
 
 
-def _text_file(path: Path, spec: str, model: ResolvedModel) -> DataSource:
+def _text_file(path: Path, spec: str, model: ResolvedModel, flag: str, whole: bool) -> DataSource:
     if model.tokenizer is None:
         raise UserError(
             f"text data {spec} needs a model with a tokenizer (a Hugging Face folder); "
@@ -131,8 +129,10 @@ def _text_file(path: Path, spec: str, model: ResolvedModel) -> DataSource:
     if not sentences:
         raise UserError(f"text file {spec} has no non-empty line")
 
-    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
-        chosen = [sentences[i] for i in _take(len(sentences), name, n, seed, spec)]
+    pick = Picker(len(sentences), spec, flag, whole)
+
+    def load(name: str, n: int, batch_size: int, seed: int, exact: bool) -> list[Any]:
+        chosen = [sentences[i] for i in pick(name, n, seed, exact)]
         return tokenize(model.tokenizer, chosen, batch_size)
 
     return DataSource(
@@ -141,6 +141,8 @@ def _text_file(path: Path, spec: str, model: ResolvedModel) -> DataSource:
         samples=len(sentences),
         has_labels=False,
         digest=hashlib.sha256(raw).hexdigest(),
+        flag=flag,
+        whole=whole,
         _loader=load,
     )
 
@@ -195,7 +197,7 @@ def _read_tensors(path: Path, spec: str) -> Any:
     return tensors if suffix == ".npz" else tensors["x"]
 
 
-def _tensor_file(path: Path, spec: str) -> DataSource:
+def _tensor_file(path: Path, spec: str, flag: str, whole: bool) -> DataSource:
     data = _read_tensors(path, spec)
     if isinstance(data, torch.Tensor):
         x, y = data, None
@@ -209,9 +211,10 @@ def _tensor_file(path: Path, spec: str) -> DataSource:
         raise UserError(f"{spec} must hold a tensor or a mapping with 'x' (and optionally 'y')")
     x, y = _check_xy(x, y, spec)
     total = int(x.shape[0])
+    pick = Picker(total, spec, flag, whole)
 
-    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
-        idx = torch.tensor(_take(total, name, n, seed, spec))
+    def load(name: str, n: int, batch_size: int, seed: int, exact: bool) -> list[Any]:
+        idx = torch.tensor(pick(name, n, seed, exact))
         xs = x[idx]
         ys = y[idx] if y is not None else None
         out = []
@@ -229,11 +232,14 @@ def _tensor_file(path: Path, spec: str) -> DataSource:
         has_labels=y is not None,
         digest=sha256_file(path),
         label_range=(int(y.min()), int(y.max())) if y is not None else None,
+        flag=flag,
+        whole=whole,
+        sample_shape=tuple(x.shape[1:]),
         _loader=load,
     )
 
 
-def _image_folder(path: Path, spec: str, sources: Sources) -> DataSource:
+def _image_folder(path: Path, spec: str, sources: Sources, flag: str, whole: bool) -> DataSource:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
@@ -246,30 +252,23 @@ def _image_folder(path: Path, spec: str, sources: Sources) -> DataSource:
             f"{'/'.join(IMAGE_SUFFIXES[:3])})"
         )
     digest = hashlib.sha256()
+    prep = ImagePrep.of(sources)
+    if prep != ImagePrep(mode=prep.mode):  # the preprocessing is part of the data
+        digest.update(
+            f"{prep.size}|{prep.crop}|{prep.mean}|{prep.std}|{prep.transform_name}\n".encode()
+        )
     for f, label in files:
         digest.update(f"{f.relative_to(path)}|{label}|{f.stat().st_size}\n".encode())
+    pick = Picker(len(files), spec, flag, whole)
 
-    def read(f: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(f) as img:
-                img = img.convert(sources.image_mode)
-                if sources.image_size:
-                    img = img.resize((sources.image_size, sources.image_size), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"image {f} cannot be read ({first_line(exc)})") from None
-        t = torch.from_numpy(arr.copy())
-        return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-
-    def load(name: str, n: int, batch_size: int, seed: int) -> list[Any]:
-        chosen = [files[i] for i in _take(len(files), name, n, seed, spec)]
-        images = [read(f) for f, _ in chosen]
+    def load(name: str, n: int, batch_size: int, seed: int, exact: bool) -> list[Any]:
+        chosen = [files[i] for i in pick(name, n, seed, exact)]
+        images = [prep.read(f) for f, _ in chosen]
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) > 1:
             raise UserError(
-                f"images in {spec} have different sizes {sorted(shapes)[:3]}: pass --image-size N to resize them"
+                f"{flag}: images in {spec} have different sizes {sorted(shapes)[:3]}: pass "
+                "--center-crop N (with --image-size) to give them one size"
             )
         xs = torch.stack(images)
         ys = torch.tensor([label for _, label in chosen], dtype=torch.long)
@@ -287,6 +286,9 @@ def _image_folder(path: Path, spec: str, sources: Sources) -> DataSource:
         digest=digest.hexdigest(),
         classes=classes,
         label_range=(min(labels), max(labels)),
+        flag=flag,
+        whole=whole,
+        sample_shape=tuple(prep.read(files[0][0]).shape) if prep.crop or prep.transform else None,
         _loader=load,
     )
 

@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +21,7 @@ from ..demos.minilm import load_encoder
 from ..digests import tensors_sha256
 from ..errors import UserError
 from ..tasks import EncoderTask
-from .files import first_line, local_path, read_safetensors, torch_load
+from .files import first_line, import_callable, local_path, read_safetensors, torch_load
 from .spec import DEMO_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -197,39 +193,7 @@ def _load_torchscript(path: Path, source: str) -> ResolvedModel:
 
 
 def _import_function(module: str, function: str):
-    if module.endswith(".py"):
-        path = Path(module).expanduser()
-        if not path.is_file():
-            raise UserError(f"model builder file {module} does not exist")
-        name = f"_fcpts_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise UserError(f"cannot import {module}")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise UserError(f"importing {module} failed: {first_line(exc)}") from None
-    else:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            raise UserError(
-                f"unknown model source: module {module!r} cannot be imported ({exc.msg}); "
-                "is it installed or on PYTHONPATH?"
-            ) from None
-        except Exception as exc:
-            raise UserError(f"importing {module} failed: {first_line(exc)}") from None
-    target: Any = mod
-    for part in function.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"module {module} has no {function!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserError(f"{module}:{function} is not callable")
-    return target
+    return import_callable(module, function, "model builder", "unknown model source")
 
 
 def _load_function(module: str, function: str, weights: str | None, source: str) -> ResolvedModel:

@@ -17,20 +17,25 @@ from torch import nn
 
 from ..errors import UserError
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
-from .data import DataSource
 from .files import first_line
 from .models import ResolvedModel
 from .spec import TASKS
+from .splits import DataSource
 
 PROBE_SAMPLES = 2  # samples in the batch whose output --task auto looks at
 
 
 @dataclass(frozen=True)
 class TaskChoice:
-    """A task and the reason it was chosen, in words for calibration.json and the summary."""
+    """A task and the reason it was chosen, in words for calibration.json and the summary:
+    ``given: ...`` when the user named it, ``inferred ...`` when ``--task auto`` chose it."""
 
     task: Task
     reason: str
+
+    @property
+    def given(self) -> bool:
+        return self.reason.startswith("given")
 
 
 def make_task(kind: str) -> Task:
@@ -61,12 +66,25 @@ def choose_task(kind: str, model: ResolvedModel, data: DataSource) -> TaskChoice
             )
         return TaskChoice(task, f"given: --task {kind}")
     if model.demo is not None:
-        return TaskChoice(model.demo.task, f"the task of the demo {model.source}")
+        return TaskChoice(model.demo.task, f"inferred: the task of the demo {model.source}")
     if model.kind == "huggingface":
-        return TaskChoice(EncoderTask(), "a Hugging Face model: mean-pooled embeddings")
+        return TaskChoice(
+            EncoderTask(), "inferred: a Hugging Face model gives mean-pooled embeddings"
+        )
     if data.has_labels:
-        return TaskChoice(ClassifierTask(), f"the data {data.source} has class labels")
+        return TaskChoice(ClassifierTask(), f"inferred: the data {data.source} has class labels")
     return _inferred(model, data)
+
+
+def evaluation_task(
+    kind: str, model: ResolvedModel, data: DataSource, manifest: Mapping[str, Any]
+) -> TaskChoice:
+    """The task evaluation scores with: with ``--task auto``, the one the sparse model's
+    ``manifest`` was calibrated for (and its reason); else :func:`choose_task`'s."""
+    if kind == "auto" and manifest.get("task"):
+        reason = manifest.get("task_reason") or "inferred at calibration"
+        return TaskChoice(make_task(manifest["task"]), reason)
+    return choose_task(kind, model, data)
 
 
 def resolve_task(kind: str, model: ResolvedModel, data: DataSource) -> Task:

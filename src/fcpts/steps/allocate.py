@@ -38,6 +38,7 @@ from .common import (
     selection_to_dict,
     write_output,
 )
+from .progress import Progress, progress_mode
 from .tracked import RECORD_KEY, LiveRun, Tracking, failure_recorded, finish_step, log_allocation
 
 HISTORY_POINTS = 50
@@ -65,7 +66,7 @@ def allocate(
     seed: int = 0,
     device: str = "auto",
     recalibrate_bn: bool = False,
-    progress_bar: bool = False,
+    progress: str = "auto",
     log_every: int = 0,
     resolved: ResolvedModel | None = None,
     callback: Callback | None = None,
@@ -81,8 +82,9 @@ def allocate(
     ``settings`` to the allocator's library defaults
     (for fcpts, ``seed`` fills its ``seed`` setting unless given). ``recalibrate_bn``
     re-estimates BatchNorm statistics of the sparse model on the calibration batches.
-    ``log_every`` > 0 prints a progress line every that many iterations of a learned
-    method (for logs without a terminal, e.g. a pipeline step). ``tracking`` sends the
+    ``progress`` shows the learned method's iterations (a bar on a terminal, else plain
+    ``[fcpts] allocate: ...`` lines; see :class:`~fcpts.steps.progress.Progress`);
+    ``log_every`` > 0 adds a line every that many iterations. ``tracking`` sends the
     allocator's per-iteration loss and global sparsity to the pipeline's MLflow run while
     it runs, then the params, the manifest and the per-layer chart
     (:mod:`fcpts.steps.tracked`).
@@ -112,7 +114,7 @@ def allocate(
         seed=seed,
         device=device,
         recalibrate_bn=recalibrate_bn,
-        progress_bar=progress_bar,
+        progress=progress,
         log_every=log_every,
         resolved=resolved,
         start=start,
@@ -173,7 +175,7 @@ def _allocate(
     seed: int,
     device: str,
     recalibrate_bn: bool,
-    progress_bar: bool,
+    progress: str,
     log_every: int,
     resolved: ResolvedModel | None,
     callback: Callback | None,
@@ -214,9 +216,10 @@ def _allocate(
                 "the fcpts method learns through the model's forward pass, which TorchScript "
                 "does not allow: use --method uniform/global/erk/owl, or give module:function --weights"
             )
-    if log_every and log_every > 0:
-        total = getattr(get_allocator(method, **settings).config, "iters", None)
-        callback = _logging_callback(int(log_every), total, callback)
+    mode = progress_mode(progress)
+    total = getattr(get_allocator(method, **settings).config, "iters", None)
+    shown = Progress("allocate", total, "iterations", mode, every=max(0, int(log_every or 0)))
+    callback = _progress_callback(shown, callback)
     if resume and method == "fcpts" and (checkpoint / FILE_NAME).is_file():
         print(f"[fcpts] resuming from the checkpoint {checkpoint / FILE_NAME}", flush=True)
     torch.manual_seed(int(seed))
@@ -232,11 +235,12 @@ def _allocate(
         input_norms=norms,
         device=device,
         callback=callback,
-        progress=progress_bar,
+        progress=mode == "bar",
         checkpoint_dir=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
     )
+    shown.close()
     move(model.model, "cpu")
     sparse = _apply(model, allocation)
     recalibrated = 0
@@ -246,6 +250,7 @@ def _allocate(
         "sources": info["sources"],
         "dense_model_sha256": info["model"]["sha256"],
         "task": info["task"],
+        "task_reason": info.get("task_reason"),
         "seed": int(seed),
         "selection": selection_to_dict(selection),
         "calibration": {
@@ -286,15 +291,17 @@ def _apply(model: ResolvedModel, allocation: Allocation):
     return sparse
 
 
-def _logging_callback(every: int, total: int | None, inner: Callback | None) -> Callback:
+def _progress_callback(shown: Progress, inner: Callback | None) -> Callback:
+    """``inner`` with each iteration counted in ``shown`` (a bar there is the allocator's)."""
+
     def callback(iteration: int, record: dict[str, float]) -> None:
-        if (iteration + 1) % every == 0 or iteration == 0:
-            of = f"/{total}" if total else ""
-            print(
-                f"[fcpts] iteration {iteration + 1}{of}: loss {record['loss']:.4f}, "
-                f"reconstruction {record['rec_loss']:.4f}, sparsity {record['global_sparsity']:.4f}",
-                flush=True,
+        if shown.mode == "lines":
+            names = (
+                ("loss", "loss"),
+                ("rec_loss", "reconstruction"),
+                ("global_sparsity", "sparsity"),
             )
+            shown.update(**{shown_as: record[key] for key, shown_as in names if key in record})
         if inner is not None:
             inner(iteration, record)
 

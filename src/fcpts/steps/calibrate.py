@@ -44,7 +44,6 @@ from .common import (
     input_folder,
     move,
     positive_int,
-    progress,
     read_json,
     resolve_score,
     selection_from_dict,
@@ -52,6 +51,7 @@ from .common import (
     write_json,
     write_output,
 )
+from .progress import batch_progress
 from .tracked import RECORD_KEY, Tracking, failure_recorded, log_calibration
 
 FORMAT = "fcpts.calibration/1"
@@ -84,7 +84,7 @@ def calibrate(
     seed: int = 0,
     selection: LayerSelection | Mapping[str, Any] | None = None,
     device: str = "auto",
-    progress_bar: bool = False,
+    progress: str = "auto",
     resolved: ResolvedModel | None = None,
     tracking: Tracking | None = None,
 ) -> Calibration:
@@ -95,7 +95,10 @@ def calibrate(
     to the source's defaults (16 per batch for
     encoders); ``selection`` to the source's default layer selection (a mapping overrides
     only the fields it names, see :func:`selection_from_dict`). ``resolved`` reuses an
-    already loaded model. ``tracking`` logs the calibration data and the model's source
+    already loaded model. ``progress`` shows the calibration pass: ``auto`` a bar on a
+    terminal and plain ``[fcpts] calibrate: ...`` lines elsewhere, ``bar``, ``lines`` or
+    ``off`` (:class:`~fcpts.steps.common.Progress`). ``samples`` given is a count the data
+    must hold (a UserError naming the data's flag otherwise). ``tracking`` logs the calibration data and the model's source
     and digest to the pipeline's MLflow run after the folder is written
     (:mod:`fcpts.steps.tracked`).
     """
@@ -112,7 +115,7 @@ def calibrate(
                 seed=seed,
                 selection=selection,
                 device=device,
-                progress_bar=progress_bar,
+                progress=progress,
                 resolved=resolved,
                 tracking=tracking,
             ),
@@ -133,7 +136,7 @@ def _calibrate(
     seed: int,
     selection: LayerSelection | Mapping[str, Any] | None,
     device: str,
-    progress_bar: bool,
+    progress: str,
     resolved: ResolvedModel | None,
     tracking: Tracking | None,
 ) -> Calibration:
@@ -163,7 +166,7 @@ def _calibrate(
             "the wanda score needs forward hooks, which TorchScript models lack: use --score magnitude"
         )
 
-    batches = data.split("calibration", n, bs, seed)
+    batches = data.split("calibration", n, bs, seed, exact=bool(samples))
     if not batches:
         raise UserError(f"the calibration split of {data.source} is empty")
     dev = resolve_device(device)
@@ -171,7 +174,7 @@ def _calibrate(
     check_fit(net, task, to_device(batches[0], dev), data)
 
     reference, norms = _forward_pass(
-        net, task, batches, dev, layers if needs_activations(score) else None, progress_bar
+        net, task, batches, dev, layers if needs_activations(score) else None, progress
     )
     move(model.model, "cpu")
 
@@ -194,6 +197,7 @@ def _calibrate(
         "data": data.describe(),
         "task": task_kind(task),
         "task_reason": choice.reason,
+        "task_given": choice.given,
         "split": "calibration",
         "seed": int(seed),
         "samples": samples_taken,
@@ -219,7 +223,7 @@ def _calibrate(
 
 
 @torch.no_grad()
-def _forward_pass(net, task: Task, batches, dev, layers, progress_bar: bool):
+def _forward_pass(net, task: Task, batches, dev, layers, mode: str):
     """One pass over the calibration batches: the dense reference outputs and, when
     ``layers`` is given, the input-channel norms of those layers (hooks on the same pass)."""
     reference: list[torch.Tensor] = []
@@ -230,7 +234,7 @@ def _forward_pass(net, task: Task, batches, dev, layers, progress_bar: bool):
         return raw
 
     on_device = (to_device(b, dev) for b in batches)
-    bar = progress(on_device, "calibration pass", progress_bar, total=len(batches))
+    bar = batch_progress(batches, task, "calibrate", mode, items=on_device)
     net.eval()
     if layers is None:
         for batch in bar:

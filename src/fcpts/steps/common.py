@@ -1,4 +1,4 @@
-"""Helpers shared by the steps: layer selections as JSON, atomic JSON files, progress,
+"""Helpers shared by the steps: layer selections as JSON, atomic JSON files,
 step outputs that are whole or absent (:func:`write_output`) and inputs that may be in
 S3 (:func:`input_folder`)."""
 
@@ -8,7 +8,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,13 +172,25 @@ def read_json(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
     return data
 
 
-def progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
-    """A tqdm bar on stderr when ``enabled``, else the iterable itself."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+def recalibrate_bn(net: Any, task: Any, data: Any, manifest: Mapping[str, Any]) -> int:
+    """Re-estimate ``net``'s BatchNorm statistics on the calibration samples the sparse
+    model's ``manifest`` records, taken again from ``data`` (a UserError when the data no
+    longer holds them); 0 when allocate recalibrated already. Returns the layers done."""
+    from ..metrics import recalibrate_batchnorm
+    from ..sources import sample_digests
 
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    if manifest.get("recalibrated_batchnorm_layers"):
+        return 0
+    calib = manifest.get("calibration") or {}
+    batches = data.split(
+        "calibration", int(calib["samples"]), int(calib["batch_size"]), int(calib["seed"])
+    )
+    if sample_digests(batches) != list(calib.get("sample_digests") or []):
+        raise UserError(
+            "--recalibrate-bn needs the calibration samples the sparse model was made from: "
+            "give the data (--data or --calibration-data) that calibrate was given"
+        )
+    return recalibrate_batchnorm(net, task, batches)
 
 
 def positive_int(value: Any, what: str) -> int:

@@ -175,6 +175,7 @@ def _evaluate(inputs: Mapping[str, Any], started: float) -> bool:
         **from_kfp(EvaluationOptions, inputs),
         **from_kfp(GateOptions, inputs),
         **from_kfp(RunOptions, inputs),
+        recalibrate_bn=from_kfp(AllocationOptions, inputs)["recalibrate_bn"],
         tracking=tracking(inputs),
     )
     files = result.files

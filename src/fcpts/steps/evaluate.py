@@ -42,17 +42,17 @@ from ..sources import (
     ResolvedModel,
     Sources,
     check_labels,
-    make_task,
+    evaluation_task,
     resolve_data,
     resolve_model,
-    resolve_task,
     sample_digests,
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
-from . import sparse_format
-from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
+from . import common, sparse_format
+from .common import input_folder, is_remote, move, positive_int, write_json, write_output
+from .progress import batch_progress
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
 
 FORMAT = "fcpts.metrics/1"
@@ -92,7 +92,8 @@ def evaluate(
     device: str = "auto",
     tolerance: float | None = None,
     latency_seconds: float = 1.0,
-    progress_bar: bool = False,
+    recalibrate_bn: bool = False,
+    progress: str = "auto",
     resolved: ResolvedModel | None = None,
     tracking: Tracking | None = None,
 ) -> Evaluation:
@@ -102,6 +103,9 @@ def evaluate(
     used for the same data, keeping the splits disjoint). ``tolerance``, when given, adds
     the approval gate's decision to the metrics (see :func:`fcpts.steps.register.gate`).
     ``latency_seconds`` is the time budget of each latency measurement.
+    ``recalibrate_bn`` re-estimates the sparse model's BatchNorm statistics on the
+    calibration samples (found again in the calibration split of ``sources``) before it is
+    scored, unless allocate did. ``progress``: see :class:`~fcpts.steps.common.Progress`.
     ``tracking`` logs the evaluation data, the metrics, the reports and the sparse model
     (MLflow's PyTorch flavour) to the pipeline's MLflow run after the folder is written
     (:mod:`fcpts.steps.tracked`). ``sparse`` may be an ``s3://`` output and ``out_dir`` an
@@ -125,7 +129,8 @@ def evaluate(
                 device=device,
                 tolerance=tolerance,
                 latency_seconds=latency_seconds,
-                progress_bar=progress_bar,
+                recalibrate_bn=recalibrate_bn,
+                progress=progress,
                 resolved=resolved,
                 tracking=tracking,
             ),
@@ -150,7 +155,8 @@ def _evaluate(
     device: str,
     tolerance: float | None,
     latency_seconds: float,
-    progress_bar: bool,
+    recalibrate_bn: bool,
+    progress: str,
     resolved: ResolvedModel | None,
     tracking: Tracking | None,
 ) -> tuple[Evaluation, dict[str, Any]]:
@@ -164,11 +170,9 @@ def _evaluate(
             f"the sparse model in {sparse} was made from a different dense model than {model.source} "
             "(weights differ): evaluate against the model you allocated from"
         )
-    data = resolve_data(sources, model)
-    if sources.task == "auto" and manifest.get("task"):
-        task = make_task(manifest["task"])
-    else:
-        task = resolve_task(sources.task, model, data)
+    data = resolve_data(sources, model, "evaluation")
+    choice = evaluation_task(sources.task, model, data, manifest)
+    task = choice.task
 
     calib = manifest.get("calibration") or {}
     same_data = (
@@ -186,17 +190,18 @@ def _evaluate(
         if batch_size
         else model.defaults["evaluation_batch_size"]
     )
-    batches = data.split("evaluation", n, bs, split_seed)
+    batches = data.split("evaluation", n, bs, split_seed, exact=bool(samples))
     digests = sample_digests(batches)
     overlap = len(set(digests) & set(calib.get("sample_digests", [])))
 
     dev = resolve_device(device)
+    recalibrated = common.recalibrate_bn(sparse_net, task, data, manifest) if recalibrate_bn else 0
     dense_net = move(model.model, dev).eval()
     sparse_net = move(sparse_net, dev).eval()
-    dense_out = _outputs(dense_net, task, batches, dev, progress_bar, "dense outputs")
+    dense_out = _outputs(dense_net, task, batches, dev, progress, "dense outputs")
     if isinstance(task, ClassifierTask):
         check_labels(data, int(dense_out.shape[-1]), batches)
-    sparse_out = _outputs(sparse_net, task, batches, dev, progress_bar, "sparse outputs")
+    sparse_out = _outputs(sparse_net, task, batches, dev, progress, "sparse outputs")
     quality = _quality(task, dense_out, sparse_out, batches)
 
     layers = state_zeros(sparse_net.state_dict(), [m["name"] for m in manifest["layers"]])
@@ -217,6 +222,7 @@ def _evaluate(
         "fcpts_version": __version__,
         **quality,
         "task": task_kind(task),
+        "task_reason": choice.reason,
         "target": target,
         **counted,
         "manifest_zeros": manifest["zeros"],
@@ -235,6 +241,7 @@ def _evaluate(
             "overlap_with_calibration": overlap,
             "same_data_as_calibration": same_data,
         },
+        "recalibrated_batchnorm_layers_in_evaluation": recalibrated,
         "layers": layers,
         "densest_layers": [layer["name"] for layer in report.densest_layers(layers, 5)],
         "emptiest_layers": [layer["name"] for layer in report.sparsest_layers(layers, 5)],
@@ -268,10 +275,8 @@ def _evaluate(
     return Evaluation(path=out, metrics=metrics), logged
 
 
-def _outputs(
-    net: nn.Module, task: Task, batches, dev, progress_bar: bool, desc: str
-) -> torch.Tensor:
-    return outputs(net, task, progress(batches, desc, progress_bar), dev)
+def _outputs(net: nn.Module, task: Task, batches, dev, mode: str, what: str) -> torch.Tensor:
+    return outputs(net, task, batch_progress(batches, task, "evaluate", mode, what), dev)
 
 
 def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .common import (
     write_json,
     write_output,
 )
+from .progress import Progress
 from .tracked import Tracking, failure_recorded, finish_step
 
 FORMAT = "fcpts.decision/1"
@@ -294,6 +295,7 @@ def _register(
         "achieved_sparsity": data.get("achieved_sparsity"),
         "method": manifest.get("method"),
         "task": data.get("task") or manifest.get("task"),
+        "task_reason": data.get("task_reason") or manifest.get("task_reason"),
         "sparse_model": {"path": sparse_ref, "model_sha256": manifest.get("model_sha256")},
         "registry": registry_name,
         "registration": None,
@@ -302,6 +304,8 @@ def _register(
     record["step_seconds"] = round(time.perf_counter() - start, 3)
     path = _publish(out_dir, record)
     if fn is not None:
+        verdict = "approved" if decision.approved else "rejected"
+        Progress("register").note(f"{verdict} by the gate; handing it to {registry_name}")
         request = RegistryRequest(model_name, Path(sparse), manifest, data, decision)
         try:
             result = fn(request)
