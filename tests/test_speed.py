@@ -84,7 +84,7 @@ def test_the_slower_flag_and_its_line_on_a_constructed_result():
     ]
     assert "semi-structured" in speed.slower_lines(result, "2:4")[0]
     assert "units" in speed.slower_lines(result, "units")[0]
-    assert speed.ratio_line(result) == "torch 2.73x, onnxruntime 0.50x (batch of 16)"
+    assert speed.ratio_line(result) == "torch 2.73x, onnxruntime 0.50x"
     assert speed.is_slower(0.999) and not speed.is_slower(1.0)
 
 
@@ -148,3 +148,28 @@ def test_bad_settings_are_user_errors():
         with pytest.raises(UserError, match="no CUDA GPU"):
             speed.compare(dense, dense, x, engines=("cuda",))
         assert speed.engines_for(("torch",), "auto", dense) == ["torch"]
+
+
+def test_evaluate_reports_the_speed_up_per_engine_and_says_when_slower(tmp_path):
+    from fcpts.steps import Sources, allocate, calibrate, evaluate
+
+    digits = Sources(model="demo:digits-cnn")
+    calibrate(digits, tmp_path / "cal", score="magnitude", samples=32, batch_size=32)
+    allocate(tmp_path / "cal", tmp_path / "sparse", target=0.5, method="uniform", device="cpu")
+    with pytest.raises(UserError, match="--latency-engines"):
+        evaluate(digits, tmp_path / "sparse", tmp_path / "bad", latency_engines="torch,tpu")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    m = evaluate(
+        digits, tmp_path / "sparse", tmp_path / "eval", samples=32, device="cpu", latency_seconds=0
+    ).metrics
+    lat = m["latency"]
+    assert set(lat["engines"]) == {"torch", "onnxruntime"}, lat["skipped"]
+    assert lat["engine"] == "torch" and lat["ratio"] == lat["engines"]["torch"]["ratio"]
+    assert lat["dense_ms"] == lat["engines"]["torch"]["dense_ms"] > 0
+    assert lat["speedup_onnxruntime"] == lat["engines"]["onnxruntime"]["ratio"]
+    assert lat["batch_size"] == 16 and lat["runs"] == speed.MIN_REPEATS  # budget 0: the minimum
+    # timing noise decides the flag at 50% unstructured; its consequences are fixed
+    slower = [e for e, r in lat["engines"].items() if r["ratio"] < 1]
+    assert lat["slower_engines"] == slower and lat["slower"] == bool(slower)
+    assert len(lat["notes"]) == len(slower)
+    assert all("unstructured zeros do not speed up dense kernels" in n for n in lat["notes"])

@@ -8,8 +8,9 @@ speed-up ratio dense / pruned and whether the pruned model is slower.
 Engines:
 
 * ``torch``: eager PyTorch on the CPU under ``torch.inference_mode``;
-* ``onnxruntime``: each model exported by :func:`fcpts.export.onnx.export_onnx` into a
-  temporary folder and run by an ``InferenceSession`` on the CPU provider (intra-op
+* ``onnxruntime``: each model as ONNX (exported by :func:`fcpts.export.onnx.export_onnx`
+  into a temporary folder, or given; a pair of the same shapes is exported once, see
+  :mod:`fcpts.speed_onnx`) run by an ``InferenceSession`` on the CPU provider (intra-op
   threads set explicitly, spinning off so that neither session starves the other);
 * ``torch-csr``: the dense model in eager torch against the pruned model with every Linear
   weight that has zeros held as a sparse CSR tensor (matmul by ``torch.sparse.mm``): what
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import speed_onnx
 from .errors import UserError
 from .sparse_kernels import csr_model, pruned_two_four, semi_structured_model
 from .tasks import Task
@@ -79,6 +81,25 @@ def split_inputs(inputs: Any, task: Task | None = None) -> tuple[tuple, dict]:
         f"cannot time a model on a {type(inputs).__name__}: give a tensor, a tuple of tensors "
         "or a mapping of named tensors"
     )
+
+
+def head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (a tensor or a mapping of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, Mapping):
+        return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def engine_list(text: str | Sequence[str], flag: str = "engines") -> tuple[str, ...]:
+    """Engine names from ``torch,onnxruntime`` (or a sequence), each checked."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in ENGINES]
+    if bad or not names:
+        raise UserError(f"{flag} {text!r}: give a comma-separated list of {', '.join(ENGINES)}")
+    return tuple(dict.fromkeys(names))
 
 
 def batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int:
@@ -179,25 +200,7 @@ def _eager(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Callable
     return run
 
 
-def _onnx_runner(model: nn.Module, folder: Path, args, kwargs, threads: int):
-    import numpy as np
-    import onnxruntime as ort
-
-    from .export.onnx import example_inputs, export_onnx
-
-    path = export_onnx(model, folder, args, kwargs)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    named = example_inputs(model, args, kwargs)
-    feeds = {i.name: np.ascontiguousarray(named[i.name].numpy()) for i in session.get_inputs()}
-    return lambda: session.run(None, feeds)
-
-
-def _cpu_engine(engine, dense, pruned, args, kwargs, threads, tmp: Path):
+def _cpu_engine(engine, dense, pruned, args, kwargs, threads, tmp: Path, onnx_files):
     """(run_dense, run_pruned, extra figures) of a CPU engine."""
     if engine == "torch":
         return _eager(dense, args, kwargs), _eager(pruned, args, kwargs), {}
@@ -206,9 +209,7 @@ def _cpu_engine(engine, dense, pruned, args, kwargs, threads, tmp: Path):
         if not count:
             raise UserError("the pruned model has no Linear weight with zeros to hold as CSR")
         return _eager(dense, args, kwargs), _eager(net, args, kwargs), {"csr_layers": count}
-    run_dense = _onnx_runner(dense, tmp / "dense", args, kwargs, threads)
-    run_pruned = _onnx_runner(pruned, tmp / "pruned", args, kwargs, threads)
-    return run_dense, run_pruned, {"intra_op_threads": threads, "inter_op_threads": 1}
+    return speed_onnx.runners(dense, pruned, args, kwargs, threads, tmp, onnx_files)
 
 
 def _cuda_engine(engine, dense, pruned, args, kwargs):
@@ -258,11 +259,13 @@ def compare(
     threads: int | None = None,
     seconds: float | None = None,
     task: Task | None = None,
+    onnx_files: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Time ``dense`` and ``pruned`` on the batch ``inputs`` per engine (see the module),
     interleaved, ``repeats`` timed runs each after ``warmup``; ``seconds``, when given, is
     each engine's time budget (at least MIN_REPEATS pairs run). ``threads`` defaults to
-    torch's thread count; ``task`` splits the batch (else :func:`split_inputs`).
+    torch's thread count; ``task`` splits the batch (else :func:`split_inputs`);
+    ``onnx_files`` may give ``{"dense": path, "pruned": path}`` (either) already exported.
 
     Returns ``{"batch_size", "threads", "order", "engines": {engine: {dense_ms, pruned_ms,
     dense_iqr_ms, pruned_iqr_ms, ratio, slower, repeats, order, threads, device, ...}},
@@ -291,7 +294,7 @@ def compare(
                     run_d, run_p, extra = _cuda_engine(engine, dense, pruned, args, kwargs)
                 else:
                     run_d, run_p, extra = _cpu_engine(
-                        engine, dense, pruned, args, kwargs, threads, Path(tmp)
+                        engine, dense, pruned, args, kwargs, threads, Path(tmp), onnx_files
                     )
                 timed = timed_pairs(
                     run_d,
@@ -327,7 +330,35 @@ def slower_lines(result: Mapping[str, Any], structure: str = "unstructured") -> 
 
 
 def ratio_line(result: Mapping[str, Any]) -> str:
-    """The speed-ups in one line: ``torch 1.52x, onnxruntime 1.21x (batch of 16)``."""
+    """The speed-ups in one line: ``torch 1.52x, onnxruntime 1.21x``."""
     parts = [f"{e} {r['ratio']:.2f}x" for e, r in result["engines"].items()]
-    skipped = [f"{e} skipped" for e in result.get("skipped", {})]
-    return ", ".join(parts + skipped) + f" (batch of {result['batch_size']})"
+    return ", ".join(parts + [f"{e} skipped" for e in result.get("skipped", {})])
+
+
+def headline(result: Mapping[str, Any], structure: str = "unstructured") -> dict[str, Any]:
+    """A :func:`compare` result for a report: the headline figures (``dense_ms``,
+    ``sparse_ms``, ``ratio``) of torch (else the first engine), ``speedup_<engine>`` for
+    each engine, ``slower`` (true when the pruned model is slower on any engine) with
+    ``slower_engines`` and their plain ``notes`` (:func:`slower_lines`), and the whole
+    result per engine."""
+    engines = result["engines"]
+    name = "torch" if "torch" in engines else next(iter(engines))
+    first = engines[name]
+    return {
+        "device": first["device"],
+        "engine": name,
+        "threads": result["threads"],
+        "batch_size": result["batch_size"],
+        "runs": first["repeats"],
+        "dense_ms": first["dense_ms"],
+        "sparse_ms": first["pruned_ms"],
+        "ratio": first["ratio"],
+        "kernels": f"{name}; speed-up dense/sparse {ratio_line(result)}",
+        **{f"speedup_{e}": r["ratio"] for e, r in engines.items()},
+        "slower": bool(result["slower"]),
+        "slower_engines": list(result["slower"]),
+        "notes": slower_lines(result, structure),
+        "engines": dict(engines),
+        "skipped": dict(result.get("skipped", {})),
+        "order": result["order"],
+    }
