@@ -50,7 +50,7 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
-from ..tasks import ClassifierTask, EncoderTask, Task
+from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
 from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
@@ -220,7 +220,7 @@ def _evaluate(
         model.model,
         sparse_net,
         task,
-        speed.head(batches[0], LATENCY_BATCH),
+        speed.head(to_device(batches[0], "cpu"), LATENCY_BATCH),
         latency,
         dev,
         sparse,
