@@ -121,6 +121,13 @@ def _scaled_match(
     return None
 
 
+def files_in(**folders: str | Path) -> dict[str, Path]:
+    """The ``model.onnx`` of each folder that has one, as :func:`runners`' ``files``
+    (``files_in(pruned=allocate_output)``)."""
+    found = {name: Path(folder) / FILE_NAME for name, folder in folders.items()}
+    return {name: path for name, path in found.items() if path.is_file()}
+
+
 def session(path: Path, threads: int):
     """An onnxruntime CPU session with ``threads`` intra-op threads, one inter-op thread and
     no spinning (a spinning pool would take the CPU from the other model's runs)."""

@@ -28,7 +28,6 @@ from torch import nn
 from .. import __version__, report, speed
 from ..core import resolve_device
 from ..errors import UserError
-from ..export.onnx import FILE_NAME as ONNX_FILE
 from ..metrics import (
     mean_cosine,
     neighbour_agreement,
@@ -50,6 +49,7 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
+from ..speed_onnx import files_in
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
 from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
@@ -370,7 +370,6 @@ def _latency(
     """Dense and sparse timed side by side per engine (:func:`fcpts.speed.compare`); the
     headline figures (dense_ms, sparse_ms, ratio) are torch's, or the first engine's."""
     seconds, engines, repeats = settings
-    onnx = Path(folder) / ONNX_FILE
     result = speed.compare(
         dense,
         sparse,
@@ -381,7 +380,7 @@ def _latency(
         device=dev.type,
         seconds=max(0.0, float(seconds)),
         task=task,
-        onnx_files={"pruned": onnx} if onnx.is_file() else None,
+        onnx_files=files_in(pruned=folder),
     )
     if not result["engines"]:
         raise UserError(
