@@ -86,6 +86,11 @@ def test_the_slower_flag_and_its_line_on_a_constructed_result():
     assert "units" in speed.slower_lines(result, "units")[0]
     assert speed.ratio_line(result) == "torch 2.73x, onnxruntime 0.50x"
     assert speed.is_slower(0.999) and not speed.is_slower(1.0)
+    assert not slow["within_spread"] and not fast["within_spread"]
+    close = speed.summarise({"dense": [0.010, 0.012, 0.014], "pruned": [0.0125] * 3}, "dpdpdp")
+    assert close["slower"] and close["within_spread"]  # 0.5 ms apart, IQR 2 ms
+    noisy = {"batch_size": 16, "engines": {"torch": close}, "skipped": {}}
+    assert "within the timing spread of 3 runs" in speed.slower_lines(noisy)[0]
 
 
 def test_csr_linear_computes_the_linear_and_a_very_sparse_layer_times_faster():

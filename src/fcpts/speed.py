@@ -160,7 +160,8 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float]:
 
 def summarise(times: Mapping[str, Sequence[float]], order: str, **extra: Any) -> dict[str, Any]:
     """One engine's figures from its timings in seconds: medians and IQRs in ms, the ratio
-    dense / pruned (> 1: the pruned model is faster) and ``slower``."""
+    dense / pruned (> 1: the pruned model is faster), ``slower`` and ``within_spread``
+    (the two medians differ by no more than the larger IQR: timing noise could explain it)."""
     out: dict[str, Any] = {}
     for name in ("dense", "pruned"):
         lo, hi = _quartiles(times[name])
@@ -168,6 +169,8 @@ def summarise(times: Mapping[str, Sequence[float]], order: str, **extra: Any) ->
         out[f"{name}_iqr_ms"] = 1000 * (hi - lo)
     out["ratio"] = out["dense_ms"] / out["pruned_ms"] if out["pruned_ms"] > 0 else float("inf")
     out["slower"] = is_slower(out["ratio"])
+    gap = abs(out["dense_ms"] - out["pruned_ms"])
+    out["within_spread"] = gap <= max(out["dense_iqr_ms"], out["pruned_iqr_ms"])
     out["repeats"] = len(times["dense"])
     out["order"] = order
     out.update(extra)
@@ -324,6 +327,12 @@ def slower_lines(result: Mapping[str, Any], structure: str = "unstructured") -> 
     kind = "units" if structure == "units" else ("n:m" if ":" in structure else "unstructured")
     return [
         f"the pruned model is {r['ratio']:.2f}x dense speed (slower) on {engine}: {HINTS[kind]}"
+        + (
+            f" (the gap is within the timing spread of {r['repeats']} runs: a longer "
+            "--latency-seconds measures it better)"
+            if r.get("within_spread")
+            else ""
+        )
         for engine, r in result["engines"].items()
         if r["slower"]
     ]
