@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run import machine as cpu_machine  # bench/run.py
+from sweep_minilm import write_section  # bench/sweep_minilm.py
 from torch import nn
 
 from fcpts import speed
@@ -101,28 +102,7 @@ def machine(device: str) -> str:
         return (
             f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
         )
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
-def write_section(section: str, heading: str, path: Path) -> None:
-    """Replace the section under ``heading`` (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""))
+    return cpu_machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    write_section(section, heading, Path(args.results))
+    write_section(section, Path(args.results), heading)
     print(f"wrote the section {heading!r} of {args.results}")
     return 0
 

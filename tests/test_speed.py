@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_structure import bert_batch, tiny_bert  # tests/test_structure.py
 from torch import nn
 
 from fcpts import speed
@@ -44,26 +45,10 @@ def test_a_sixteen_times_smaller_model_is_faster_on_torch_and_onnxruntime():
 
 
 def test_an_hf_dict_batch_is_timed_on_both_engines():
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    batch = {
-        "input_ids": torch.randint(0, 50, (4, 8)),
-        "attention_mask": torch.ones(4, 8, dtype=torch.long),
-        "token_type_ids": torch.zeros(4, 8, dtype=torch.long),
-    }
+    model, batch = tiny_bert(), bert_batch()
     result = speed.compare(model, model, batch, repeats=3, warmup=1, threads=1)
     assert set(result["engines"]) == {"torch", "onnxruntime"}, result["skipped"]
-    assert result["batch_size"] == 4
+    assert result["batch_size"] == 3
     for r in result["engines"].values():
         assert r["order"] == "dpdpdp"
         assert r["slower"] == (r["ratio"] < 1)  # the same model: either way, but consistent

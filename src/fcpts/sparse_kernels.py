@@ -75,7 +75,8 @@ def pruned_two_four(model: nn.Module) -> bool:
 
 def semi_structured_model(pruned: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
     """A float16 copy of ``pruned`` on the CUDA ``device`` whose 2:4 Linear weights with
-    zeros are ``torch.sparse.to_sparse_semi_structured`` tensors; and how many are.
+    zeros are ``torch.sparse.to_sparse_semi_structured`` tensors (those whose shape the
+    kernels take; the others stay dense); and how many are.
     Needs a CUDA GPU (torch's semi-structured kernels run nowhere else)."""
     from torch.sparse import to_sparse_semi_structured
 
@@ -84,7 +85,11 @@ def semi_structured_model(pruned: nn.Module, device: torch.device) -> tuple[nn.M
     def semi(m: nn.Linear) -> nn.Module | None:
         if not bool((m.weight == 0).any()) or not is_two_four(m.weight):
             return None
-        m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
+        try:
+            weight = to_sparse_semi_structured(m.weight.detach())
+        except (RuntimeError, ValueError):  # a shape the kernels do not take: stays dense
+            return None
+        m.weight = nn.Parameter(weight, requires_grad=False)
         return m
 
     return net, replace_linears(net, semi)
