@@ -13,7 +13,7 @@ exported too. A file written this way is checked against torch on the timed batc
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,18 @@ MATCH_TOLERANCE = (
 )
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest() + str(array.shape)
+def _digest(array: np.ndarray) -> tuple:
+    return array.shape, array.dtype.str, zlib.crc32(np.ascontiguousarray(array).data)
 
 
-def _views(state: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[str, bool]]]:
-    """Digest of each float tensor (and of its transpose, for a matrix) -> (key, transposed)."""
-    out: dict[str, list[tuple[str, bool]]] = {}
-    for key, t in state.items():
+def _views(
+    state: Mapping[str, torch.Tensor], keys: set[str]
+) -> dict[tuple, list[tuple[str, bool]]]:
+    """Digest of each float tensor of ``keys`` (and of its transpose, for a matrix) ->
+    (key, transposed)."""
+    out: dict[tuple, list[tuple[str, bool]]] = {}
+    for key in sorted(keys):
+        t = state[key]
         if not t.is_floating_point():
             continue
         a = t.detach().cpu().numpy()
@@ -59,8 +63,10 @@ def rewrite_weights(
     dst = target_model.state_dict()
     if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
         return None
-    changed = {k for k in src if not torch.equal(src[k], dst[k])}
-    views = _views(src)
+    changed = {
+        k for k in src if src[k].data_ptr() != dst[k].data_ptr() and not torch.equal(src[k], dst[k])
+    }
+    views = _views(src, changed)
     graph = onnx.load(str(source))
     found: set[str] = set()
     for init in graph.graph.initializer:
@@ -81,8 +87,6 @@ def rewrite_weights(
         if len(targets) > 1:
             return None  # equal in the source, different in the target: ambiguous
         key, transposed = next(iter(values))
-        if key not in changed:
-            continue
         new = dst[key].detach().cpu().numpy()
         new = np.ascontiguousarray(new.T if transposed else new)
         init.CopyFrom(numpy_helper.from_array(new, init.name))
