@@ -153,8 +153,11 @@ def _feeds(sess, model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> di
 def _matches_torch(sess, feeds, model: nn.Module, args, kwargs) -> bool:
     with torch.inference_mode():
         raw = model(*args, **kwargs)
-    ref = raw.last_hidden_state if hasattr(raw, "last_hidden_state") else raw
-    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
+    if hasattr(raw, "last_hidden_state"):
+        raw = raw.last_hidden_state
+    elif hasattr(raw, "to_tuple"):  # another Hugging Face output: its first field
+        raw = raw.to_tuple()[0]
+    ref = (raw[0] if isinstance(raw, (tuple, list)) else raw).numpy()
     got = sess.run(None, feeds)[0]
     scale = max(float(np.abs(ref).max()), 1e-12)
     return got.shape == ref.shape and float(np.abs(got - ref).max()) / scale <= MATCH_TOLERANCE
