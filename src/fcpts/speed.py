@@ -224,6 +224,10 @@ def _cuda_engine(engine, dense, pruned, args, kwargs):
         return _eager(d, a, k), _eager(p, a, k), {"dtype": "float32"}
     d = copy.deepcopy(dense).to(dev, torch.float16).eval()
     p, count = semi_structured_model(pruned, dev)
+    if not count:
+        raise UserError(
+            "the pruned model has no 2:4 Linear weight the semi-structured kernels take"
+        )
     a, k = _moved(args, kwargs, dev, torch.float16)
     return _eager(d, a, k), _eager(p, a, k), {"dtype": "float16", "semi_structured_layers": count}
 
@@ -274,7 +278,8 @@ def compare(
     dense_iqr_ms, pruned_iqr_ms, ratio, slower, repeats, order, threads, device, ...}},
     "skipped": {engine: reason}, "slower": [engines where the pruned model is slower]}``.
     An engine that cannot run the models (an export that fails, say) is skipped with the
-    reason, so one engine's failure does not lose the others' figures.
+    reason, so one engine's failure does not lose the others' figures. Both models are moved
+    to the CPU and put in eval mode (the CUDA engines time copies).
     """
     if repeats < 1 or warmup < 0:
         raise UserError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
