@@ -162,11 +162,11 @@ def render(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, path: Path = RESULTS) -> None:
+def write_section(section: str, path: Path = RESULTS, heading: str = HEADING) -> None:
     """Replace the section (up to the next ``## `` heading) or append it."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return

@@ -240,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     notes = [
         f"step wall times are measured by `{PROG} run` from each step's start to its end "
         "(a fresh Python process: imports, model loading and the work); total is the whole pipeline",
+        *metrics["latency"].get("notes", []),
     ]
     print(
         report.summary(

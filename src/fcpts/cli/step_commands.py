@@ -267,6 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..sparse_model import read_manifest
     from ..steps import evaluate
     from ..steps.common import input_folder
+    from ..steps.options import EvaluationOptions, group_values
 
     require_options(args, "model", "sparse", "out")
     check_positive(args, "evaluation_samples", "eval_batch_size", "image_size")
@@ -285,17 +286,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=get_option(args, "device", "auto"),
         tolerance=tolerance,
-        latency_seconds=get_option(args, "latency_seconds", 1.0),
+        **{k: v for k, v in group_values(EvaluationOptions, vars(args)).items() if "latency" in k},
         recalibrate_bn=bool(get_option(args, "recalibrate_bn", False)),
         progress=progress_from_args(args),
         tracking=tracking_from_args(args),
     )
     manifest = read_manifest(input_folder(args.sparse))
-    print(
-        report.summary(
-            manifest=manifest, metrics=result.metrics, decision=result.metrics.get("gate")
-        )
-    )
+    m = result.metrics
+    notes = m["latency"].get("notes", [])
+    print(report.summary(manifest=manifest, metrics=m, decision=m.get("gate"), notes=notes))
     print(
         f"wrote {_where(args.out, result.path)}/metrics.json, allocation.png, report.md, report.html"
     )

@@ -14,7 +14,6 @@ samples the two sets share (0 unless the data set holds duplicates).
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__, report
+from .. import __version__, report, speed
 from ..core import resolve_device
 from ..errors import UserError
 from ..metrics import (
@@ -49,6 +48,7 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
+from ..speed_onnx import files_in
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
 from . import common, sparse_format
 from .common import input_folder, is_remote, move, positive_int, write_json, write_output
@@ -92,6 +92,8 @@ def evaluate(
     device: str = "auto",
     tolerance: float | None = None,
     latency_seconds: float = 1.0,
+    latency_engines: str = "torch,onnxruntime",
+    latency_repeats: int = 20,
     recalibrate_bn: bool = False,
     progress: str = "auto",
     resolved: ResolvedModel | None = None,
@@ -102,7 +104,8 @@ def evaluate(
     ``seed`` only matters for data other than the calibration's (the calibration's seed is
     used for the same data, keeping the splits disjoint). ``tolerance``, when given, adds
     the approval gate's decision to the metrics (see :func:`fcpts.steps.register.gate`).
-    ``latency_seconds`` is the time budget of each latency measurement.
+    ``latency_seconds``, ``latency_engines`` and ``latency_repeats`` set the speed
+    measurement (:func:`fcpts.speed.compare` on the first LATENCY_BATCH evaluation samples).
     ``recalibrate_bn`` re-estimates the sparse model's BatchNorm statistics on the
     calibration samples (found again in the calibration split of ``sources``) before it is
     scored, unless allocate did. ``progress``: see :class:`~fcpts.steps.common.Progress`.
@@ -112,6 +115,11 @@ def evaluate(
     ``s3://`` prefix; the output is written whole or not at all
     (:func:`fcpts.steps.common.write_output`).
     """
+    latency = (
+        latency_seconds,
+        speed.engine_list(latency_engines, "--latency-engines"),
+        positive_int(latency_repeats, "--latency-repeats"),
+    )
     sparse_dir = input_folder(sparse)
     if tracking is not None:
         tracking = tracking.resolve(read_manifest(sparse_dir))
@@ -128,7 +136,7 @@ def evaluate(
                 seed=seed,
                 device=device,
                 tolerance=tolerance,
-                latency_seconds=latency_seconds,
+                latency=latency,
                 recalibrate_bn=recalibrate_bn,
                 progress=progress,
                 resolved=resolved,
@@ -154,7 +162,7 @@ def _evaluate(
     seed: int | None,
     device: str,
     tolerance: float | None,
-    latency_seconds: float,
+    latency: tuple[float, tuple[str, ...], int],
     recalibrate_bn: bool,
     progress: str,
     resolved: ResolvedModel | None,
@@ -214,7 +222,14 @@ def _evaluate(
     move(dense_net, "cpu")
     size = _sizes(model.model, sparse_net, [f"{layer['name']}.weight" for layer in layers])
     latency = _latency(
-        model.model, sparse_net, task, _head(batches[0], LATENCY_BATCH), latency_seconds
+        model.model,
+        sparse_net,
+        task,
+        speed.head(to_device(batches[0], "cpu"), LATENCY_BATCH),
+        latency,
+        dev,
+        sparse,
+        manifest,
     )
 
     metrics: dict[str, Any] = {
@@ -347,43 +362,34 @@ def _sizes(dense: nn.Module, sparse: nn.Module, sparse_params: list[str]) -> dic
     }
 
 
-def _head(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch (a tensor or a mapping of tensors)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, Mapping):
-        return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
-
-
-@torch.no_grad()
 def _latency(
-    dense: nn.Module, sparse: nn.Module, task: Task, batch: Any, budget: float
+    dense: nn.Module,
+    sparse: nn.Module,
+    task: Task,
+    batch: Any,
+    settings: tuple[float, tuple[str, ...], int],
+    dev: torch.device,
+    folder: str | os.PathLike,
+    manifest: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Median CPU wall time of one forward pass on one batch (the first LATENCY_BATCH
-    evaluation samples), dense and sparse measured alternately so that machine load
-    affects both alike."""
-    batch = to_device(batch, "cpu")
-    nets = {"dense": move(dense, "cpu").eval(), "sparse": move(sparse, "cpu").eval()}
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for net in nets.values():  # warm-up
-        task.run(net, batch)
-    deadline = time.perf_counter() + max(0.0, budget)
-    while True:
-        for name, net in nets.items():
-            t = time.perf_counter()
-            task.run(net, batch)
-            times[name].append(time.perf_counter() - t)
-        if (len(times["dense"]) >= 3 and time.perf_counter() >= deadline) or len(
-            times["dense"]
-        ) >= 200:
-            break
-    return {
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-        "batch_size": task.batch_size(batch),
-        "runs": len(times["dense"]),
-        "dense_ms": 1000 * statistics.median(times["dense"]),
-        "sparse_ms": 1000 * statistics.median(times["sparse"]),
-        "kernels": "dense kernels; unstructured zeros are not skipped",
-    }
+    """Dense and sparse timed side by side per engine (:func:`fcpts.speed.compare`); the
+    headline figures (dense_ms, sparse_ms, ratio) are torch's, or the first engine's."""
+    seconds, engines, repeats = settings
+    result = speed.compare(
+        dense,
+        sparse,
+        batch,
+        engines=engines,
+        repeats=repeats,
+        warmup=1,
+        device=dev.type,
+        seconds=max(0.0, float(seconds)),
+        task=task,
+        onnx_files=files_in(pruned=folder),
+    )
+    if not result["engines"]:
+        raise UserError(
+            f"no speed engine could time the models ({result['skipped']}): choose others "
+            f"with --latency-engines (from {', '.join(speed.ENGINES)})"
+        )
+    return speed.headline(result, str(manifest.get("structure") or "unstructured"))

@@ -140,8 +140,25 @@ class EvaluationOptions:
         ),
     ] = None
     latency_seconds: Annotated[
-        float, Opt("time budget of each latency measurement", metavar="S")
+        float,
+        Opt(
+            "time budget of each engine's speed measurement (dense and sparse interleaved; "
+            "at least 3 timed runs each)",
+            metavar="S",
+        ),
     ] = 1.0
+    latency_engines: Annotated[
+        str,
+        Opt(
+            "engines the speed-up is measured on, comma-separated: torch, onnxruntime, "
+            "torch-csr (pruned Linear weights as sparse CSR); cuda and cuda-2to4 (2:4 "
+            "weights as semi-structured sparse tensors) are added where a CUDA GPU is",
+            metavar="LIST",
+        ),
+    ] = "torch,onnxruntime"
+    latency_repeats: Annotated[
+        int, Opt("most timed runs of each model per engine (the median is reported)", metavar="N")
+    ] = 20
 
 
 @dataclass(frozen=True)
