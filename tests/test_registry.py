@@ -84,7 +84,14 @@ class Candidates:
         self, value: float, achieved: float, *, metric: str = "top1", digest: str = "eval-v1"
     ) -> str:
         run = PipelineRun.open(tracking_uri=self.uri, experiment=self.experiment)
-        run.log_params({"target": round(achieved, 2), "allocator": "global", "metric": metric})
+        run.log_params(
+            {
+                "target": round(achieved, 2),
+                "allocator": "global",
+                "metric": metric,
+                "model_source": "demo:digits-cnn",
+            }
+        )
         run.log_metrics(
             {
                 "evaluate/sparse": value,
@@ -290,6 +297,17 @@ def test_decide_rules():
     assert decide(dict(base, metric_value="0.91"), base)[0]
     assert decide(dict(base, metric_value="0.91", achieved_sparsity="0.75"), base)[0]
     assert not decide(dict(base, metric_value="0.99", achieved_sparsity="0.69"), base)[0]
+    # across targets the sparser approved version wins, even with a lower metric
+    sparser, reason = decide(dict(base, metric_value="0.85", achieved_sparsity="0.75"), base)
+    assert sparser and "sparser approved version wins" in reason
+    # at the same sparsity a worse one does not
+    assert not decide(dict(base, metric_value="0.85"), base)[0]
+    # another source model is not compared
+    other = decide(
+        dict(base, metric_value="0.99", model_digest="sha256:a"),
+        dict(base, model_digest="sha256:b"),
+    )
+    assert not other[0] and "another source model" in other[1]
     assert not decide(dict(base, metric="cosine", metric_value="0.99"), base)[0]
     assert not decide(
         dict(base, metric_value="0.99", evaluation_digest="a"), dict(base, evaluation_digest="b")
@@ -303,6 +321,49 @@ def test_decide_rules():
     assert not greater_is_better("output_mse") and greater_is_better("cosine")
     assert decide(dict(mse, metric_value="0.1"), mse)[0]
     assert not decide(dict(mse, metric_value="0.3"), mse)[0]
+
+
+def test_targets_share_one_registered_model(embedded_uri, sparse, tmp_path):
+    """Two registrations at 0.5 and 0.7 with the default name, through the register step:
+    one registered model <model>-<method>, both versions, exactly one champion (the sparser
+    one), and a description that reads."""
+    from fcpts.steps import register as register_step
+
+    client = mlflow.MlflowClient(tracking_uri=embedded_uri, registry_uri=embedded_uri)
+    c = Candidates(embedded_uri, sparse)
+    method = f"m{uuid.uuid4().hex[:8]}"  # a registered model of its own in the shared store
+    prunable = 1000
+    records, runs = [], []
+    for target, value in ((0.5, 0.96), (0.7, 0.94)):
+        runs.append(c.run(value, target))
+        folder = tmp_path / f"sparse-{target}"
+        folder.mkdir()
+        manifest = {"target": target, "method": method, "sources": {"model": "demo:digits-cnn"}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        metrics = {"metric": "top1", "dense": 0.97, "sparse": value, "prunable": prunable}
+        metrics["zeros"] = round(target * prunable)
+        hook = registry_hook(runs[-1], tracking_uri=embedded_uri)
+        done = register_step(
+            metrics, folder, tmp_path / f"d-{target}", tolerance=0.05, registry=hook
+        )
+        assert done.decision.approved, done.decision.reasons
+        records.append(done.record)
+    name = f"digits-cnn-{method}"
+    assert [r["name"] for r in records] == [name, name]
+    versions = {
+        v.tags["source_run_id"]: v for v in client.search_model_versions(f"name = '{name}'")
+    }
+    assert set(versions) == set(runs) and len(versions) == 2
+    aliases = _aliases(client, name)
+    assert aliases == {"champion": str(versions[runs[1]].version)}
+    assert [r["registration"]["decision"] for r in records] == ["champion", "champion"]
+    decisions = sorted(
+        client.get_model_version(name, v.version).tags["decision"] for v in versions.values()
+    )
+    assert decisions == ["champion", "former champion"]
+    description = client.get_model_version(name, aliases["champion"]).description
+    assert description.startswith("digits-cnn pruned by global to 70% sparsity (0.700000 of its")
+    assert "top1 0.94 (dense 0.97)" in description
 
 
 def test_lock_excludes_then_breaks_when_stale(embedded_uri):
