@@ -392,3 +392,82 @@ def test_unreachable_registry_is_a_service_error():
             tracking_uri=f"http://127.0.0.1:{port}",
             retry=RetryPolicy(attempts=2, backoff=0.05),
         )
+
+
+def test_summary_links_the_run_and_version_and_says_how_to_reproduce():
+    """The summary `fcpts run` and `fcpts register` print: the MLflow run and registered
+    version (UI links for an http store, the ids otherwise), the command that reproduces
+    the run (it parses back to the same settings), the emptiest layers beside the
+    fullest, and a plain warning when the sparse model is slower than dense."""
+    import shlex
+
+    from fcpts import report
+    from fcpts.cli import build_parser
+    from fcpts.steps.reproduce import reproduce_command
+
+    layers = [
+        {"name": "a", "numel": 100, "zeros": 90, "sparsity": 0.9},
+        {"name": "b", "numel": 100, "zeros": 10, "sparsity": 0.1},
+        {"name": "c", "numel": 100, "zeros": 50, "sparsity": 0.5},
+    ]
+    manifest = {
+        "target": 0.5,
+        "achieved_sparsity": 0.5,
+        "zeros": 150,
+        "prunable": 300,
+        "layers": layers,
+        "method": "fcpts",
+        "score": "wanda",
+        "seed": 3,
+        "sources": {"model": "demo:minilm", "data": None},
+        "settings": {"iters": 50, "joint": False},
+        "selection": {"keep_dense": ["pooler.dense"], "bounds": {"classifier.*": [0, 0.5]}},
+        "calibration": {"samples": 32},
+    }
+    cmd = reproduce_command(manifest, {"evaluation": {"samples": 100}}, {"tolerance": 0.02})
+    words = shlex.split(cmd)
+    assert words[:2] == ["fcpts", "run"] and "--name" not in words  # the default name
+    args = build_parser().parse_args(words[1:])
+    assert (args.model, args.target, args.method, args.score) == (
+        "demo:minilm",
+        0.5,
+        "fcpts",
+        "wanda",
+    )
+    assert (args.seed, args.iters, args.joint, args.tolerance) == (3, 50, False, 0.02)
+    assert args.calibration_samples == 32 and args.evaluation_samples == 100
+    assert args.keep_dense == ["pooler.dense"] and args.bounds == ["classifier.*=0:0.5"]
+    named = reproduce_command(manifest, {}, {"tolerance": 0.02, "name": "serving"})
+    assert build_parser().parse_args(shlex.split(named)[1:]).name == "serving"
+
+    reg = {
+        "registry": "mlflow",
+        "tracking_uri": "http://127.0.0.1:5000",
+        "run_id": "abc123",
+        "name": "minilm fcpts",
+        "version": "2",
+        "champion": True,
+        "decision": "champion",
+        "reason": "first champion",
+        "model_uri": "models:/minilm fcpts/2",
+    }
+    decision = {"approved": True, "reasons": ["ok"], "tolerance": 0.02, "command": cmd}
+    text = report.summary(manifest=manifest, decision=dict(decision, registration=reg))
+    assert "http://127.0.0.1:5000/#/runs/abc123" in text
+    assert (
+        "minilm fcpts version 2, champion: http://127.0.0.1:5000/#/models/minilm%20fcpts/versions/2"
+        in text
+    )
+    assert cmd in text.splitlines()[-1]
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert rows["fullest"].endswith("b 0.100, c 0.500, a 0.900  (kept densest)")
+    assert rows["emptiest"].endswith("a 0.900, c 0.500, b 0.100  (pruned hardest)")
+    local = report.summary(
+        decision=dict(decision, registration=dict(reg, tracking_uri="sqlite:///m.db"))
+    )
+    assert "run abc123 in sqlite:///m.db" in local and "models:/minilm fcpts/2" in local
+
+    assert report.slower_warning({"dense_ms": 2.0, "sparse_ms": 1.0}) is None
+    assert "within timing noise" in report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.03})
+    slower = report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.5})
+    assert slower.startswith("WARNING: the sparse model is SLOWER than dense: 1.50x")

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import FcptsError, ServiceError, UserError
 from ..sparse_model import read_manifest, round_half_up
-from ..tracking.names import TAG_STEP, default_model_name
+from ..tracking.names import TAG_COMMAND, TAG_STEP, default_model_name
 from .common import (
     input_file_or_folder,
     input_folder,
@@ -38,6 +38,7 @@ from .common import (
     write_json,
     write_output,
 )
+from .reproduce import reproduce_command
 from .tracked import Tracking, failure_recorded, finish_step
 
 FORMAT = "fcpts.decision/1"
@@ -250,6 +251,7 @@ def register(
     if tracking is not None:  # decision.json is written: now tracking may fail the step
         run = tracking.open()
         run.log_artifact(result.path, "registration")
+        run.set_tags({TAG_COMMAND: result.record["command"]})
         finish_step(run, "register", result.record["step_seconds"])
     return result
 
@@ -300,6 +302,7 @@ def _register(
         "registry": registry_name,
         "registration": None,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": reproduce_command(manifest, data, {"tolerance": tolerance, "name": model_name}),
     }
     record["step_seconds"] = round(time.perf_counter() - start, 3)
     path = _publish(out_dir, record)

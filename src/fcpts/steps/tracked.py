@@ -265,7 +265,7 @@ def log_allocation(run: Any, sparse_dir: str | os.PathLike, *, curves: bool = Tr
     """allocate: the pipeline params, manifest and achieved sparsity, and the per-layer
     chart; the curves from the manifest's history unless the allocator's callback sent
     them already (``curves=False``)."""
-    from .. import report
+    from ..charts import chart
     from ..sparse_model import read_manifest
     from ..tracking.params import pipeline_params
 
@@ -277,10 +277,8 @@ def log_allocation(run: Any, sparse_dir: str | os.PathLike, *, curves: bool = Tr
     run.log_allocation(sparse_dir, history=None if curves else manifest.get("history"))
     with tempfile.TemporaryDirectory(prefix="fcpts-chart-") as tmp:
         title = f"{source}: {method} at target {manifest['target']:g}"
-        chart = report.chart(
-            manifest["layers"], manifest["target"], Path(tmp) / CHART_ARTIFACT, title
-        )
-        run.log_chart(chart)
+        png = chart(manifest["layers"], manifest["target"], Path(tmp) / CHART_ARTIFACT, title)
+        run.log_chart(png)
 
 
 def log_evaluation(

@@ -51,6 +51,7 @@ CHART_ARTIFACT = "allocation.png"
 LAYERS_TABLE = "layers.json"
 
 # ---- run tags
+TAG_COMMAND = "fcpts.command"  # the fcpts run command that reproduces the run
 TAG_EXACT = "fcpts.exact"  # true: exactly round(target x prunable) zeros
 TAG_COUNTS_MATCH = "fcpts.counts_match_manifest"
 TAG_SAME_DATA = "fcpts.same_data_as_calibration"
