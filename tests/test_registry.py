@@ -308,6 +308,10 @@ def test_decide_rules():
         dict(base, model_digest="sha256:b"),
     )
     assert not other[0] and "another source model" in other[1]
+    narrower = decide(
+        dict(base, achieved_sparsity="0.9", prunable="100"), dict(base, prunable="900")
+    )
+    assert not narrower[0] and "another set of prunable weights" in narrower[1]
     assert not decide(dict(base, metric="cosine", metric_value="0.99"), base)[0]
     assert not decide(
         dict(base, metric_value="0.99", evaluation_digest="a"), dict(base, evaluation_digest="b")

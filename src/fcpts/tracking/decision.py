@@ -14,6 +14,7 @@ from .names import (
     V_GREATER_IS_BETTER,
     V_METRIC,
     V_MODEL_DIGEST,
+    V_PRUNABLE,
     V_VALUE,
 )
 
@@ -72,8 +73,8 @@ def decide(
 
     The champion rule. Every version here passed the gate: its quality is within the
     tolerance of the same dense model's. A candidate is compared with the champion only
-    when both are measured alike: the same metric, the same evaluation data (digests, where
-    both are known) and the same source model (dense digests, where both are known);
+    when both are measured alike: the same metric, the same evaluation data, the same
+    source model and the same prunable weights (digests and counts, where both are known);
     otherwise it stays challenger with a reason saying why, and ``fcpts promote`` decides.
     Then:
 
@@ -143,6 +144,7 @@ def _unlike(candidate: Mapping[str, str], champion: Mapping[str, str], who: str)
     for key, what in (
         (V_EVAL_DIGEST, "evaluated on other data"),
         (V_MODEL_DIGEST, "made from another source model"),
+        (V_PRUNABLE, "another set of prunable weights (layer selection)"),
     ):
         new, old = candidate.get(key), champion.get(key)
         if new and old and new != NA and old != NA and new != old:

@@ -87,6 +87,7 @@ V_SOURCE_RUN = "source_run_id"
 V_EVAL_DIGEST = "evaluation_digest"
 V_MODEL_DIGEST = "model_digest"  # the dense source model's, from the run's param
 V_MODEL_SOURCE = "model_source"
+V_PRUNABLE = "prunable"  # how many weights the layer selection made prunable
 V_FCPTS_VERSION = "fcpts_version"
 V_DECISION = "decision"  # champion, challenger, former champion, rolled back
 V_REASON = "decision_reason"

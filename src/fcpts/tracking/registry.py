@@ -6,14 +6,15 @@ MLflow 3 aliases and version tags; no stages.
   gate approved it. Each version carries the tags ``target``, ``achieved_sparsity``,
   ``metric``, ``metric_value`` (the sparse model's), ``dense_metric_value``,
   ``greater_is_better``, ``allocator``, ``model_source``, ``model_digest``,
-  ``source_run_id``, ``evaluation_digest``, ``fcpts_version``, then ``decision`` and ``decision_reason``. Registering a run that
-  already has a version (same ``source_run_id`` tag) returns that version: no second one.
+  ``prunable``, ``source_run_id``, ``evaluation_digest``, ``fcpts_version``, then
+  ``decision`` and ``decision_reason``. Registering a run that already has a version
+  (same ``source_run_id`` tag) returns that version: no second one.
 * The new version gets the alias ``challenger``. It takes the alias ``champion`` (and
   drops ``challenger``) when there is no champion, or when :func:`decide` says it beats
   the champion. One registered model holds every target of a source model (the default
   name is ``<model>-<method>``), so the rule says what happens when targets differ: only
-  versions measured alike compete (same metric, same evaluation data and same source
-  model, where the digests are known); a sparser version wins (the gate already held it
+  versions measured alike compete (same metric, evaluation data, source model and
+  prunable weights, where known); a sparser version wins (the gate already held it
   to the tolerance against the dense model); at the same sparsity the better metric wins
   (a tie does not); a less sparse version never displaces the champion. The champion is
   thus the sparsest approved version, best by the metric among equals, in whatever order
