@@ -471,6 +471,11 @@ def test_summary_links_the_run_and_version_and_says_how_to_reproduce():
     )
     assert "run abc123 in sqlite:///m.db" in local and "models:/minilm fcpts/2" in local
 
+    from fcpts.links import tracking_line
+
+    record = {"pipeline_run_id": "p-1", "experiment": "fcpts", "tracking_uri": "sqlite:///m.db"}
+    assert "pipeline run p-1 in experiment fcpts" in tracking_line(record)
+
     assert report.slower_warning({"dense_ms": 2.0, "sparse_ms": 1.0}) is None
     assert "within timing noise" in report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.03})
     slower = report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.5})

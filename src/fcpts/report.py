@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .charts import chart as chart
+from .links import registration_rows, tracking_line
 
 
 def densest_layers(layers: Sequence[Mapping[str, Any]], k: int = 3) -> list[Mapping[str, Any]]:
@@ -120,41 +121,6 @@ def slower_warning(latency: Mapping[str, Any]) -> str | None:
     )
 
 
-def mlflow_page(tracking_uri: Any, page: str) -> str | None:
-    """The MLflow UI's URL of ``page`` (``runs/<id>``, ``models/<name>/versions/<n>``) when
-    the store is an http(s) server, else None."""
-    uri = str(tracking_uri or "")
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/{page}"
-
-
-def registration_rows(reg: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Where the registry put the model: for MLflow's, the run and the registered version
-    (UI links for an http(s) store, else the run id and the models:/ URI)."""
-    if not reg:
-        return []
-    if reg.get("registry") != "mlflow":
-        return [("registry", ", ".join(f"{k}={v}" for k, v in reg.items()))]
-    from urllib.parse import quote
-
-    uri, run_id = reg.get("tracking_uri"), reg.get("run_id")
-    run = mlflow_page(uri, f"runs/{run_id}") or f"run {run_id} in {uri}"
-    name, version = reg.get("name"), reg.get("version")
-    if version is None:
-        return [
-            ("mlflow run", run),
-            ("registered", f"no: {reg.get('reason') or reg.get('status')}"),
-        ]
-    where = mlflow_page(uri, f"models/{quote(str(name), safe='')}/versions/{version}")
-    role = "champion" if reg.get("champion") else reg.get("decision")
-    return [
-        ("mlflow run", run),
-        ("registered", f"{name} version {version}, {role}: {where or reg.get('model_uri')}"),
-        ("why", str(reg.get("reason", ""))),
-    ]
-
-
 def decision_line(decision: Mapping[str, Any]) -> str:
     verdict = "APPROVED" if decision["approved"] else "REJECTED"
     return f"{verdict} (tolerance {decision.get('tolerance')}): " + "; ".join(decision["reasons"])
@@ -213,6 +179,7 @@ def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[t
                 )
                 + f"; allocation took {manifest.get('seconds', 0):.1f} s.",
                 f"Quality: {quality_line(metrics)}.",
+                *([tracking_line(metrics["tracking"])] if metrics.get("tracking") else []),
                 f"Evaluation data: {ev.get('samples')} samples of {ev.get('data')} ({ev.get('split')} split), "
                 f"{ev.get('overlap_with_calibration')} shared with the {ev.get('calibration_samples')} calibration samples.",
                 f"Size: {size_line(metrics['size'])}.",
