@@ -28,7 +28,7 @@ from fcpts.cli import main  # noqa: E402
 from fcpts.demos import load_demo  # noqa: E402
 from fcpts.sparse_model import load_sparse  # noqa: E402
 from fcpts.tracking.connection import Store  # noqa: E402
-from fcpts.tracking.names import param_names  # noqa: E402
+from fcpts.tracking.names import EVALUATION_PARAM_NAMES, param_names  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,9 @@ def _check_tracked_run(client, run, run_dir):
     metrics = json.loads((run_dir / "evaluate" / "evaluation" / "metrics.json").read_text())
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert set(param_names()) | {"metric", "evaluation_samples"} == set(params)
+    assert set(param_names()) | set(EVALUATION_PARAM_NAMES) == set(params)
+    tail = run.data.tags["fcpts.pipeline_run_id"].rsplit("-", 1)[-1]
+    assert run.info.run_name == f"digits-cnn-fcpts-{manifest['target']:g}-{tail}"
     assert params["target"] == repr(manifest["target"]) and params["allocator"] == "fcpts"
     assert params["iters"] == str(ITERS) and params["calibration_samples"] == "64"
     assert params["model_source"] == "demo:digits-cnn" and params["seed"] == "0"
@@ -92,8 +94,8 @@ def _check_tracked_run(client, run, run_dir):
     assert m["evaluate/dense"] == metrics["dense"] and m["evaluate/sparse"] == metrics["sparse"]
     assert m["evaluate/delta"] == pytest.approx(metrics["sparse"] - metrics["dense"])
     assert m["allocate/achieved_sparsity"] == manifest["achieved_sparsity"]
-    assert m["evaluate/achieved_sparsity"] == metrics["achieved_sparsity"]
-    assert m["allocate/exact"] == 1.0 and m["evaluate/exact"] == 1.0
+    assert run.data.tags["fcpts.exact"] == "true" and params["prunable"] == str(metrics["prunable"])
+    assert not [k for k in m if k.endswith(("exact", "prunable", ".seed", ".threads"))]
     for step in STEPS:
         assert m[f"{step}/seconds"] > 0 and run.data.tags[f"fcpts.step.{step}"] == "done"
     for key in ("loss", "global_sparsity"):
@@ -103,10 +105,10 @@ def _check_tracked_run(client, run, run_dir):
     assert last.value == pytest.approx(manifest["history"][-1]["loss"])
 
     assert {
+        "allocation.png",
+        "layers.json",
         "allocation/manifest.json",
-        "allocation/allocation.png",
         "evaluation/metrics.json",
-        "evaluation/allocation.png",
         "evaluation/report.html",
         "evaluation/report.md",
         "registration/decision.json",

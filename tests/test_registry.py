@@ -84,7 +84,14 @@ class Candidates:
         self, value: float, achieved: float, *, metric: str = "top1", digest: str = "eval-v1"
     ) -> str:
         run = PipelineRun.open(tracking_uri=self.uri, experiment=self.experiment)
-        run.log_params({"target": round(achieved, 2), "allocator": "global", "metric": metric})
+        run.log_params(
+            {
+                "target": round(achieved, 2),
+                "allocator": "global",
+                "metric": metric,
+                "model_source": "demo:digits-cnn",
+            }
+        )
         run.log_metrics(
             {
                 "evaluate/sparse": value,
@@ -290,6 +297,21 @@ def test_decide_rules():
     assert decide(dict(base, metric_value="0.91"), base)[0]
     assert decide(dict(base, metric_value="0.91", achieved_sparsity="0.75"), base)[0]
     assert not decide(dict(base, metric_value="0.99", achieved_sparsity="0.69"), base)[0]
+    # across targets the sparser approved version wins, even with a lower metric
+    sparser, reason = decide(dict(base, metric_value="0.85", achieved_sparsity="0.75"), base)
+    assert sparser and "sparser approved version wins" in reason
+    # at the same sparsity a worse one does not
+    assert not decide(dict(base, metric_value="0.85"), base)[0]
+    # another source model is not compared
+    other = decide(
+        dict(base, metric_value="0.99", model_digest="sha256:a"),
+        dict(base, model_digest="sha256:b"),
+    )
+    assert not other[0] and "another source model" in other[1]
+    narrower = decide(
+        dict(base, achieved_sparsity="0.9", prunable="100"), dict(base, prunable="900")
+    )
+    assert not narrower[0] and "another set of prunable weights" in narrower[1]
     assert not decide(dict(base, metric="cosine", metric_value="0.99"), base)[0]
     assert not decide(
         dict(base, metric_value="0.99", evaluation_digest="a"), dict(base, evaluation_digest="b")
@@ -303,6 +325,49 @@ def test_decide_rules():
     assert not greater_is_better("output_mse") and greater_is_better("cosine")
     assert decide(dict(mse, metric_value="0.1"), mse)[0]
     assert not decide(dict(mse, metric_value="0.3"), mse)[0]
+
+
+def test_targets_share_one_registered_model(embedded_uri, sparse, tmp_path):
+    """Two registrations at 0.5 and 0.7 with the default name, through the register step:
+    one registered model <model>-<method>, both versions, exactly one champion (the sparser
+    one), and a description that reads."""
+    from fcpts.steps import register as register_step
+
+    client = mlflow.MlflowClient(tracking_uri=embedded_uri, registry_uri=embedded_uri)
+    c = Candidates(embedded_uri, sparse)
+    method = f"m{uuid.uuid4().hex[:8]}"  # a registered model of its own in the shared store
+    prunable = 1000
+    records, runs = [], []
+    for target, value in ((0.5, 0.96), (0.7, 0.94)):
+        runs.append(c.run(value, target))
+        folder = tmp_path / f"sparse-{target}"
+        folder.mkdir()
+        manifest = {"target": target, "method": method, "sources": {"model": "demo:digits-cnn"}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        metrics = {"metric": "top1", "dense": 0.97, "sparse": value, "prunable": prunable}
+        metrics["zeros"] = round(target * prunable)
+        hook = registry_hook(runs[-1], tracking_uri=embedded_uri)
+        done = register_step(
+            metrics, folder, tmp_path / f"d-{target}", tolerance=0.05, registry=hook
+        )
+        assert done.decision.approved, done.decision.reasons
+        records.append(done.record)
+    name = f"digits-cnn-{method}"
+    assert [r["name"] for r in records] == [name, name]
+    versions = {
+        v.tags["source_run_id"]: v for v in client.search_model_versions(f"name = '{name}'")
+    }
+    assert set(versions) == set(runs) and len(versions) == 2
+    aliases = _aliases(client, name)
+    assert aliases == {"champion": str(versions[runs[1]].version)}
+    assert [r["registration"]["decision"] for r in records] == ["champion", "champion"]
+    decisions = sorted(
+        client.get_model_version(name, v.version).tags["decision"] for v in versions.values()
+    )
+    assert decisions == ["champion", "former champion"]
+    description = client.get_model_version(name, aliases["champion"]).description
+    assert description.startswith("digits-cnn pruned by global to 70% sparsity (0.700000 of its")
+    assert "top1 0.94 (dense 0.97)" in description
 
 
 def test_lock_excludes_then_breaks_when_stale(embedded_uri):
@@ -331,3 +396,87 @@ def test_unreachable_registry_is_a_service_error():
             tracking_uri=f"http://127.0.0.1:{port}",
             retry=RetryPolicy(attempts=2, backoff=0.05),
         )
+
+
+def test_summary_links_the_run_and_version_and_says_how_to_reproduce():
+    """The summary `fcpts run` and `fcpts register` print: the MLflow run and registered
+    version (UI links for an http store, the ids otherwise), the command that reproduces
+    the run (it parses back to the same settings), the emptiest layers beside the
+    fullest, and a plain warning when the sparse model is slower than dense."""
+    import shlex
+
+    from fcpts import report
+    from fcpts.cli import build_parser
+    from fcpts.steps.reproduce import reproduce_command
+
+    layers = [
+        {"name": "a", "numel": 100, "zeros": 90, "sparsity": 0.9},
+        {"name": "b", "numel": 100, "zeros": 10, "sparsity": 0.1},
+        {"name": "c", "numel": 100, "zeros": 50, "sparsity": 0.5},
+    ]
+    manifest = {
+        "target": 0.5,
+        "achieved_sparsity": 0.5,
+        "zeros": 150,
+        "prunable": 300,
+        "layers": layers,
+        "method": "fcpts",
+        "score": "wanda",
+        "seed": 3,
+        "sources": {"model": "demo:minilm", "data": None},
+        "settings": {"iters": 50, "joint": False},
+        "selection": {"keep_dense": ["pooler.dense"], "bounds": {"classifier.*": [0, 0.5]}},
+        "calibration": {"samples": 32},
+    }
+    cmd = reproduce_command(manifest, {"evaluation": {"samples": 100}}, {"tolerance": 0.02})
+    words = shlex.split(cmd)
+    assert words[:2] == ["fcpts", "run"] and "--name" not in words  # the default name
+    args = build_parser().parse_args(words[1:])
+    assert (args.model, args.target, args.method, args.score) == (
+        "demo:minilm",
+        0.5,
+        "fcpts",
+        "wanda",
+    )
+    assert (args.seed, args.iters, args.joint, args.tolerance) == (3, 50, False, 0.02)
+    assert args.calibration_samples == 32 and args.evaluation_samples == 100
+    assert args.keep_dense == ["pooler.dense"] and args.bounds == ["classifier.*=0:0.5"]
+    named = reproduce_command(manifest, {}, {"tolerance": 0.02, "name": "serving"})
+    assert build_parser().parse_args(shlex.split(named)[1:]).name == "serving"
+
+    reg = {
+        "registry": "mlflow",
+        "tracking_uri": "http://127.0.0.1:5000",
+        "run_id": "abc123",
+        "name": "minilm fcpts",
+        "version": "2",
+        "champion": True,
+        "decision": "champion",
+        "reason": "first champion",
+        "model_uri": "models:/minilm fcpts/2",
+    }
+    decision = {"approved": True, "reasons": ["ok"], "tolerance": 0.02, "command": cmd}
+    text = report.summary(manifest=manifest, decision=dict(decision, registration=reg))
+    assert "http://127.0.0.1:5000/#/runs/abc123" in text
+    assert (
+        "minilm fcpts version 2, champion: http://127.0.0.1:5000/#/models/minilm%20fcpts/versions/2"
+        in text
+    )
+    assert cmd in text.splitlines()[-1]
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert rows["fullest"].endswith("b 0.100, c 0.500, a 0.900  (kept densest)")
+    assert rows["emptiest"].endswith("a 0.900, c 0.500, b 0.100  (pruned hardest)")
+    local = report.summary(
+        decision=dict(decision, registration=dict(reg, tracking_uri="sqlite:///m.db"))
+    )
+    assert "run abc123 in sqlite:///m.db" in local and "models:/minilm fcpts/2" in local
+
+    from fcpts.links import tracking_line
+
+    record = {"pipeline_run_id": "p-1", "experiment": "fcpts", "tracking_uri": "sqlite:///m.db"}
+    assert "pipeline run p-1 in experiment fcpts" in tracking_line(record)
+
+    assert report.slower_warning({"dense_ms": 2.0, "sparse_ms": 1.0}) is None
+    assert "within timing noise" in report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.03})
+    slower = report.slower_warning({"dense_ms": 1.0, "sparse_ms": 1.5})
+    assert slower.startswith("WARNING: the sparse model is SLOWER than dense: 1.50x")

@@ -31,7 +31,7 @@ from fcpts.tracking import (  # noqa: E402
     resolve_tracking_uri,
 )
 from fcpts.tracking.connection import Store  # noqa: E402
-from fcpts.tracking.names import param_names  # noqa: E402
+from fcpts.tracking.names import EVALUATION_PARAM_NAMES, param_names  # noqa: E402
 
 BACKENDS = ["embedded", "server-sqlite", "server-pg-s3"]
 ITERS = 12
@@ -147,7 +147,7 @@ def test_pipeline_run_is_tracked(tracking_uri, sparse, tmp_path):
         )
         run.log_allocation(sparse.dir)
     # the curves went in ceil(12 / 5) = 3 batches, not one request per iteration
-    n_keys = len(sparse.history[0][1])
+    n_keys = len(set(sparse.history[0][1]) - {"iteration"})
     assert sent == [5 * n_keys, 5 * n_keys, 2 * n_keys]
     with run.step("evaluate"):
         run.log_dataset(sparse.eval, context="evaluation", source="demo:digits-cnn")
@@ -161,7 +161,15 @@ def test_pipeline_run_is_tracked(tracking_uri, sparse, tmp_path):
                     "higher_is_better": True,
                     "achieved_sparsity": 0.7,
                     "exact": True,
-                    "evaluation": {"data": "demo:digits-cnn", "samples": 128},
+                    "prunable": sparse.alloc.prunable,
+                    "secondary": {"agreement_with_dense": {"dense": 1.0, "sparse": 0.8}},
+                    "evaluation": {
+                        "data": "demo:digits-cnn",
+                        "samples": 128,
+                        "seed": 3,
+                        "overlap_with_calibration": 0,
+                    },
+                    "latency": {"threads": 2, "batch_size": 16, "dense_ms": 2.0, "sparse_ms": 1.0},
                     "size": {"dense_bytes": 1000, "sparse_compressed_bytes": 420},
                     "layers": [{"name": "features.0", "sparsity": 0.5}],
                 }
@@ -178,7 +186,7 @@ def test_pipeline_run_is_tracked(tracking_uri, sparse, tmp_path):
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     params = got.data.params
-    assert set(param_names()) | {"metric", "evaluation_samples"} == set(params)
+    assert set(param_names()) | set(EVALUATION_PARAM_NAMES) == set(params)
     assert (
         params["target"] == "0.7"
         and params["allocator"] == "fcpts"
@@ -190,17 +198,24 @@ def test_pipeline_run_is_tracked(tracking_uri, sparse, tmp_path):
         "sha256:"
     )
     assert params["metric"] == "top1" and params["evaluation_samples"] == "128"
+    assert params["prunable"] == str(sparse.alloc.prunable)
+    assert params["evaluation_seed"] == "3" and params["latency_threads"] == "2"
+    assert params["eval_batch_size"] == "n/a"  # not in this metrics.json
     assert got.data.tags["fcpts.higher_is_better"] == "true"
+    assert got.data.tags["fcpts.exact"] == "true"
+    assert got.data.tags["fcpts.evaluation_overlap"] == "0"
 
     m = got.data.metrics
     assert m["evaluate/dense"] == 0.97 and m["evaluate/sparse"] == 0.955
     assert m["evaluate/delta"] == pytest.approx(-0.015)
     assert m["allocate/achieved_sparsity"] == pytest.approx(sparse.alloc.achieved)
-    assert m["allocate/exact"] == 1.0
-    assert m["evaluate/exact"] == 1.0 and m["evaluate/size.sparse_compressed_bytes"] == 420
-    assert "evaluate/evaluation.samples" in m and not any(
-        k.startswith("evaluate/layers") for k in m
-    )
+    assert m["evaluate/size.sparse_compressed_bytes"] == 420
+    assert m["evaluate/latency.speedup"] == pytest.approx(2.0)
+    assert m["evaluate/agreement_with_dense"] == 0.8
+    # constants of the run are params or tags, not metrics
+    constants = ("exact", "prunable", "evaluation.", "latency.threads", "latency.batch", "layers")
+    assert not [k for k in m if k.split("/", 1)[1].startswith(constants)], sorted(m)
+    assert m["allocate/zeros"] == sparse.alloc.zeros and "evaluate/zeros" not in m
     for step in ("calibrate", "allocate", "evaluate", "register"):
         assert m[f"{step}/seconds"] >= 0
         assert got.data.tags[f"fcpts.step.{step}"] == "done"
@@ -221,9 +236,18 @@ def test_pipeline_run_is_tracked(tracking_uri, sparse, tmp_path):
     assert {
         "allocation/manifest.json",
         "evaluation/metrics.json",
-        "evaluation/layers.png",
         "evaluation/report.md",
     } <= _artifacts(client, run.run_id)
+    # at the root, the same paths on every run: what the compare view lines up
+    root = {f.path for f in client.list_artifacts(run.run_id) if not f.is_dir}
+    assert {"allocation.png", "layers.json"} <= root
+    table = json.loads(
+        Path(client.download_artifacts(run.run_id, "layers.json", str(tmp_path))).read_text()
+    )
+    assert table["columns"] == ["layer", "weights", "zeros", "sparsity"]
+    layers = read_manifest(sparse.dir)["layers"]
+    assert [row[0] for row in table["data"]] == [layer["name"] for layer in layers]
+    assert [row[2] for row in table["data"]] == [layer["zeros"] for layer in layers]
     manifest_path = client.download_artifacts(run.run_id, "allocation/manifest.json", str(tmp_path))
     assert json.loads(Path(manifest_path).read_text())["achieved_sparsity"] == sparse.alloc.achieved
 
@@ -331,3 +355,26 @@ def test_unreachable_server_names_uri_without_password(monkeypatch):
 def test_bad_pipeline_run_id(embedded_uri):
     with pytest.raises(UserError, match="pipeline run id"):
         PipelineRun.open("bad id with spaces", tracking_uri=embedded_uri)
+
+
+def test_run_named_by_model_method_and_target(embedded_uri, sparse):
+    """A run that calibrate opened is named by the model; allocate's manifest renames it
+    by model, method and target; the register step's default registered name has no
+    target (every target competes in one registered model)."""
+    from fcpts.steps.register import default_model_name
+    from fcpts.steps.tracked import Tracking
+
+    pid = f"20261201-213803-{uuid.uuid4().hex[:8]}"
+    tail = pid.rsplit("-", 1)[1]
+    tracking = Tracking(embedded_uri, "test-run-names", pid).resolve()
+    calibrated = tracking.named({"sources": {"model": "demo:digits-cnn"}}).open(step="calibrate")
+    assert (
+        calibrated.client.get_run(calibrated.run_id).info.run_name == f"digits-cnn-calibrate-{tail}"
+    )
+    m = read_manifest(sparse.dir)
+    m["sources"] = {"model": "demo:digits-cnn"}
+    again = tracking.resolve(m).open(step="evaluate")
+    assert again.run_id == calibrated.run_id
+    assert again.client.get_run(again.run_id).info.run_name == f"digits-cnn-fcpts-0.7-{tail}"
+    assert default_model_name("demo:minilm", "fcpts") == "minilm-fcpts"
+    assert default_model_name("s3://bucket/models/bert/", "wanda") == "bert-wanda"

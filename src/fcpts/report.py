@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from .charts import chart as chart
+from .links import registration_rows, tracking_line
 
 
 def densest_layers(layers: Sequence[Mapping[str, Any]], k: int = 3) -> list[Mapping[str, Any]]:
@@ -40,54 +41,6 @@ def empty_warning(layers: Sequence[Mapping[str, Any]]) -> str | None:
         "nothing passes through them (a dead model if one is on the only path): keep them "
         "dense (--keep-dense) or cap their sparsity (--max-sparsity, --bounds)"
     )
-
-
-def chart(
-    layers: Sequence[Mapping[str, Any]],
-    target: float,
-    path: str | os.PathLike,
-    title: str | None = None,
-) -> Path:
-    """A PNG of per-layer sparsity bars (one per prunable layer, in model order) with
-    the global target as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [layer["name"] or "(root)" for layer in layers]
-    values = [layer["sparsity"] for layer in layers]
-    height = max(2.8, 0.24 * len(layers) + 1.4)
-    fig, ax = plt.subplots(figsize=(8.5, height), dpi=100)
-    try:
-        colors = ["#3b7dd8" if v < target else "#9bbbe6" for v in values]
-        y = list(range(len(layers)))
-        ax.barh(y, values, color=colors, height=0.75)
-        ax.axvline(
-            target, color="#d62728", linestyle="--", linewidth=1.5, label=f"target {target:g}"
-        )
-        ax.set_yticks(y)
-        ax.set_yticklabels(names, fontsize=7 if len(layers) > 20 else 9)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("sparsity (fraction of zero weights)")
-        ax.set_title(title or "Per-layer sparsity", fontsize=10)
-        from matplotlib.patches import Patch
-
-        handles = [
-            ax.get_legend_handles_labels()[0][0],
-            Patch(color="#3b7dd8", label="denser than the target"),
-            Patch(color="#9bbbe6", label="at or above the target"),
-        ]
-        fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
-        ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout(rect=(0, 0.4 / height, 1, 1))  # room for the legend below
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    finally:
-        plt.close(fig)
-    return out
 
 
 # ------------------------------------------------------------------------- formatting
@@ -146,6 +99,28 @@ def latency_line(latency: Mapping[str, Any]) -> str:
     )
 
 
+SLOWER_NOISE = 1.05  # a sparse model up to 5% slower is within the timing noise
+
+
+def slower_warning(latency: Mapping[str, Any]) -> str | None:
+    """A plain line when the sparse model runs slower than the dense one, else None."""
+    dense, sparse = latency.get("dense_ms"), latency.get("sparse_ms")
+    if not isinstance(dense, (int, float)) or not isinstance(sparse, (int, float)) or dense <= 0:
+        return None
+    ratio = sparse / dense
+    if ratio <= 1.0:
+        return None
+    if ratio <= SLOWER_NOISE:
+        return (
+            f"the sparse model is no faster than dense ({ratio:.2f}x the time, within timing noise)"
+        )
+    return (
+        f"WARNING: the sparse model is SLOWER than dense: {ratio:.2f}x the time per batch "
+        f"({sparse:.1f} ms vs {dense:.1f} ms). Its zeros are still multiplied by dense kernels; "
+        "the gain is size on disk unless a sparse runtime or structured pruning serves it"
+    )
+
+
 def decision_line(decision: Mapping[str, Any]) -> str:
     verdict = "APPROVED" if decision["approved"] else "REJECTED"
     return f"{verdict} (tolerance {decision.get('tolerance')}): " + "; ".join(decision["reasons"])
@@ -161,6 +136,7 @@ def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[t
     blocks: list[tuple[str, Any]] = [
         ("h1", f"fcpts evaluation: {metrics.get('model', {}).get('source', '')}"),
         *([("p", warning)] if warning else []),
+        *([("p", slow)] if (slow := slower_warning(metrics["latency"])) else []),
         (
             "table",
             [
@@ -203,6 +179,7 @@ def _sections(metrics: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[t
                 )
                 + f"; allocation took {manifest.get('seconds', 0):.1f} s.",
                 f"Quality: {quality_line(metrics)}.",
+                *([tracking_line(metrics["tracking"])] if metrics.get("tracking") else []),
                 f"Evaluation data: {ev.get('samples')} samples of {ev.get('data')} ({ev.get('split')} split), "
                 f"{ev.get('overlap_with_calibration')} shared with the {ev.get('calibration_samples')} calibration samples.",
                 f"Size: {size_line(metrics['size'])}.",
@@ -291,7 +268,10 @@ def render_html(
 
 
 def _layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    rows = [("densest", layers_line(layers)), ("emptiest", layers_line(layers, emptiest=True))]
+    rows = [
+        ("fullest", layers_line(layers) + "  (kept densest)"),
+        ("emptiest", layers_line(layers, emptiest=True) + "  (pruned hardest)"),
+    ]
     warning = empty_warning(layers)
     return rows + ([("warning", warning)] if warning else [])
 
@@ -338,6 +318,9 @@ def summary(
         rows += _layer_rows(metrics["layers"])
         rows.append(("size", size_line(metrics["size"])))
         rows.append(("latency", latency_line(metrics["latency"])))
+        slower = slower_warning(metrics["latency"])
+        if slower:
+            rows.append(("speed", slower))
     elif manifest is not None:
         rows.append(
             (
@@ -354,9 +337,9 @@ def summary(
         rows += _layer_rows(manifest["layers"])
     if decision is not None:
         rows.append(("gate", decision_line(decision)))
-        reg = decision.get("registration")
-        if reg:
-            rows.append(("registry", ", ".join(f"{k}={v}" for k, v in reg.items())))
+        rows += registration_rows(decision.get("registration") or {})
+        if decision.get("command"):
+            rows.append(("reproduce", str(decision["command"])))
     if timings:
         rows.append(
             ("wall time", "per step: a fresh process each (imports, model loading, the work)")

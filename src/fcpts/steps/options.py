@@ -190,7 +190,12 @@ class RegistryOptions:
     ] = None
     name: Annotated[
         str | None,
-        Opt("name to register under (default: <model>-<method>-<target>)", metavar="NAME"),
+        Opt(
+            "registered model to add the version to (default: <model>-<method>, one for "
+            "every target: the sparsest approved version is champion, the metric decides "
+            "at the same sparsity; see fcpts.tracking.decision.decide)",
+            metavar="NAME",
+        ),
     ] = None
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import FcptsError, ServiceError, UserError
 from ..sparse_model import read_manifest, round_half_up
-from ..tracking.names import TAG_STEP
+from ..tracking.names import TAG_COMMAND, TAG_STEP, default_model_name
 from .common import (
     input_file_or_folder,
     input_folder,
@@ -39,6 +39,7 @@ from .common import (
     write_output,
 )
 from .progress import Progress
+from .reproduce import reproduce_command
 from .tracked import Tracking, failure_recorded, finish_step
 
 FORMAT = "fcpts.decision/1"
@@ -251,6 +252,7 @@ def register(
     if tracking is not None:  # decision.json is written: now tracking may fail the step
         run = tracking.open()
         run.log_artifact(result.path, "registration")
+        run.set_tags({TAG_COMMAND: result.record["command"]})
         finish_step(run, "register", result.record["step_seconds"])
     return result
 
@@ -283,7 +285,9 @@ def _register(
     sparse_ref: str,
 ) -> Registration:
     sources = manifest.get("sources") or {}
-    model_name = name or _default_name(str(sources.get("model", "model")), manifest)
+    model_name = name or default_model_name(
+        str(sources.get("model", "model")), manifest.get("method")
+    )
     record: dict[str, Any] = {
         "format": FORMAT,
         **decision.to_dict(tolerance),
@@ -300,6 +304,7 @@ def _register(
         "registry": registry_name,
         "registration": None,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": reproduce_command(manifest, data, {"tolerance": tolerance, "name": model_name}),
     }
     record["step_seconds"] = round(time.perf_counter() - start, 3)
     path = _publish(out_dir, record)
@@ -339,9 +344,3 @@ def _publish(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write decision.json to ``out_dir`` (a folder or ``s3://`` prefix), whole; its local path."""
     _, local = write_output(out_dir, lambda folder: write_json(folder / DECISION_FILE, record))
     return local / DECISION_FILE
-
-
-def _default_name(source: str, manifest: Mapping[str, Any]) -> str:
-    base = source.removeprefix("demo:").rstrip("/").split("/")[-1].split(":")[-1] or "model"
-    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base)
-    return f"{base}-{manifest.get('method', 'sparse')}-{float(manifest.get('target', 0)):g}"

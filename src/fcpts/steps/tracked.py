@@ -30,12 +30,13 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..tracking.names import (
+    CHART_ARTIFACT,
     DEFAULT_EXPERIMENT,
     PIPELINE_RUN_ID_RE,
     STEP_SECONDS,
@@ -43,12 +44,12 @@ from ..tracking.names import (
     TAG_GATE,
     TAG_GATE_REASONS,
     TAG_STEP,
+    run_name,
 )
 
 log = logging.getLogger(__name__)
 
 RECORD_KEY = "tracking"  # the block in calibration.json, manifest.json and metrics.json
-ALLOCATION_CHART = "allocation.png"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Tracking:
     uri: str | None = None
     experiment: str | None = None
     pipeline_run_id: str | None = None
+    # (model source, method, target) for the run's name, from the inputs (:meth:`resolve`)
+    names: tuple[Any, Any, Any] = field(default=(None, None, None), compare=False)
 
     def __post_init__(self) -> None:
         if self.experiment is not None and not str(self.experiment).strip():
@@ -93,7 +96,15 @@ class Tracking:
 
             pid = new_pipeline_run_id()
         experiment = self.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT
-        return replace(self, pipeline_run_id=str(pid), experiment=str(experiment))
+        return replace(
+            self, pipeline_run_id=str(pid), experiment=str(experiment), names=naming(*inputs)
+        )
+
+    def named(self, *inputs: Mapping[str, Any] | None) -> Tracking:
+        """This tracking with the run's name taken from ``inputs`` (where they say more)."""
+        source, method, target = self.names
+        known = {"model": source, "method": method, "target": target}
+        return replace(self, names=naming(*inputs, known))
 
     def record(self) -> dict[str, Any]:
         """The block written into the step's output (credentials removed)."""
@@ -106,16 +117,40 @@ class Tracking:
             "tracking_uri": redact(resolve_tracking_uri(self.uri)),
         }
 
-    def open(self, retry: Any = None):
-        """The pipeline's :class:`~fcpts.tracking.PipelineRun` (created when missing)."""
+    def open(self, retry: Any = None, step: str = "run"):
+        """The pipeline's :class:`~fcpts.tracking.PipelineRun` (created when missing),
+        named from :attr:`names` (:func:`fcpts.tracking.names.run_name`); a run found by
+        its id is renamed once its inputs name the target."""
         from ..tracking.tracking import PipelineRun
 
+        source, method, target = self.names
+        pid = self.pipeline_run_id
+        name = run_name(source, method, target, step, pid) if pid and source else None
         return PipelineRun.open(
-            self.pipeline_run_id,
+            pid,
             tracking_uri=self.uri,
             experiment=self.experiment or DEFAULT_EXPERIMENT,
+            run_name=name,
+            rename=name is not None and target is not None,
             retry=retry,
         )
+
+
+def naming(*inputs: Mapping[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(model source, method, target) from the first of ``inputs`` (calibration info,
+    manifest, metrics) that says each."""
+    source = method = target = None
+    for data in inputs:
+        data = data or {}
+        model = data.get("model")
+        source = (
+            source
+            or (data.get("sources") or {}).get("model")
+            or (model.get("source") if isinstance(model, Mapping) else model)
+        )
+        method = method or data.get("method")
+        target = data.get("target") if target is None else target
+    return source, method, target
 
 
 def check_pipeline_run_id(pid: str) -> str:
@@ -160,7 +195,7 @@ class LiveRun:
         from ..tracking.retry import RetryPolicy
 
         try:
-            run = self.tracking.open(retry=RetryPolicy(attempts=1))
+            run = self.tracking.open(retry=RetryPolicy(attempts=1), step=self.step)
             run.set_tags({TAG_STEP + self.step: "running"})
         except ServiceError as exc:
             log.warning("%s: live curves wait for the tracking store (%s)", self.step, exc)
@@ -179,7 +214,7 @@ class LiveRun:
 
     def open(self) -> Any:
         """The run, opened with the full retries, with the buffered curve points sent."""
-        run = self.tracking.open()
+        run = self.tracking.open(step=self.step)
         if self.curves.points:
             run.log_batch("log the allocator curves", metrics=self.curves.points)
             self.curves.points = []
@@ -205,7 +240,7 @@ def failure_recorded(tracking: Tracking | None, step: str, run: Any = None) -> I
             with contextlib.suppress(Exception):
                 from ..tracking.retry import RetryPolicy
 
-                run = run or tracking.open(retry=RetryPolicy(attempts=1))
+                run = run or tracking.open(retry=RetryPolicy(attempts=1), step=step)
                 run.set_tags({TAG_STEP + step: "failed", TAG_FAILED_STEP: step})
                 run.finish("FAILED")
         raise
@@ -214,7 +249,7 @@ def failure_recorded(tracking: Tracking | None, step: str, run: Any = None) -> I
 def log_calibration(tracking: Tracking, info: Mapping[str, Any], batches: list[Any]) -> None:
     """calibrate: the calibration data as a dataset input (lineage: source and digest) and
     the params it fixes, by the same names and values that allocate logs."""
-    run = tracking.open()
+    run = tracking.named(info).open(step="calibrate")
     run.log_params(
         {
             "model_source": info["sources"]["model"],
@@ -230,21 +265,20 @@ def log_allocation(run: Any, sparse_dir: str | os.PathLike, *, curves: bool = Tr
     """allocate: the pipeline params, manifest and achieved sparsity, and the per-layer
     chart; the curves from the manifest's history unless the allocator's callback sent
     them already (``curves=False``)."""
-    from .. import report
+    from ..charts import chart
     from ..sparse_model import read_manifest
     from ..tracking.params import pipeline_params
 
     manifest = read_manifest(sparse_dir)
+    source, method, target = naming(manifest)
+    name = run_name(source, method, target, "allocate", run.pipeline_run_id)
+    run.store.call("name the run", run.client.update_run, run.run_id, name=name)
     run.log_params(pipeline_params(manifest))
     run.log_allocation(sparse_dir, history=None if curves else manifest.get("history"))
     with tempfile.TemporaryDirectory(prefix="fcpts-chart-") as tmp:
-        title = (
-            f"{manifest['sources']['model']}: {manifest['method']} at target {manifest['target']:g}"
-        )
-        chart = report.chart(
-            manifest["layers"], manifest["target"], Path(tmp) / ALLOCATION_CHART, title
-        )
-        run.log_artifact(chart, "allocation")
+        title = f"{source}: {method} at target {manifest['target']:g}"
+        png = chart(manifest["layers"], manifest["target"], Path(tmp) / CHART_ARTIFACT, title)
+        run.log_chart(png)
 
 
 def log_evaluation(
@@ -263,11 +297,8 @@ def log_evaluation(
     example from the first evaluation batch). Returns the logged model's URI."""
     out = Path(eval_dir)
     run.log_dataset(batches, context="evaluation", source=data_source)
-    run.log_evaluation(
-        out / "metrics.json", chart=out / "allocation.png", report=out / "report.html"
-    )
+    run.log_evaluation(out / "metrics.json", chart=out / CHART_ARTIFACT, report=out / "report.html")
     run.log_artifact(out / "report.md", "evaluation")
-    run.log_metrics({"evaluate/achieved_sparsity": metrics["achieved_sparsity"]})
     gate = metrics.get("gate")
     if gate:
         run.set_tags(

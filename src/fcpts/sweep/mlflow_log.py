@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tracking.names import model_base
 from .common import ATTR_BASELINE, ATTR_PARENT_RUN, DEFAULT_EXPERIMENT
 from .objective import constraint_of, is_feasible
 from .space import SweepSpec
@@ -52,8 +53,9 @@ class Tracker:
                 self.store.call("reopen the sweep run", self.client.update_run, run_id, "RUNNING")
                 return run_id
         exp = self.experiment_id()
+        name = f"{model_base(spec.sources.model)}-{spec.target:g}-sweep-{study.study_name}"
         tags = {
-            MLFLOW_RUN_NAME: f"sweep-{study.study_name}",
+            MLFLOW_RUN_NAME: name,
             "fcpts.sweep.study": study.study_name,
             "fcpts.sweep.storage": redact_url(storage),
         }
@@ -62,7 +64,7 @@ class Tracker:
             self.client.create_run,
             exp,
             tags=tags,
-            run_name=f"sweep-{study.study_name}",
+            run_name=name,
         )
         run_id = run.info.run_id
         params = {

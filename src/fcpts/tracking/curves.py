@@ -18,10 +18,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# a record's own step counter: the metric's step says it already
+STEP_KEYS = frozenset({"iteration", "step"})
+
 
 class CurveLogger:
     """The allocator's ``callback(step, record)``: buffers each record as step-indexed
-    metrics ``<prefix>/<key>`` and sends them with ``log_batch`` every ``every`` steps or
+    metrics ``<prefix>/<key>`` (not the record's ``iteration``: that is the step) and sends them with ``log_batch`` every ``every`` steps or
     ``seconds`` seconds, whichever comes first, so the UI draws the curves while the
     allocator runs without one request per iteration.
 
@@ -51,7 +54,7 @@ class CurveLogger:
     def __call__(self, step: int, record: Mapping[str, Any]) -> None:
         ts = now_ms()
         for key, value in record.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in STEP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             self.points.append(
                 Metric(metric_key(f"{self.prefix}/{key}"), float(value), ts, int(step))

@@ -44,7 +44,9 @@ def pipeline_params(
     """The params every fcpts run logs, by their stable names (:func:`param_names`), from an
     allocation manifest (``read_manifest(dir)``). ``model_source``, ``model_digest`` and
     ``calibration_samples`` default to the manifest's ``sources.model``,
-    ``dense_model_sha256`` and ``calibration.samples`` (written by ``fcpts allocate``).
+    ``dense_model_sha256`` and ``calibration.samples`` (written by ``fcpts allocate``);
+    ``prunable`` is the manifest's count of prunable weights (fixed by the model and the
+    layer selection: a setting of the run, not a result).
     Whatever is unknown or does not apply to the allocator is ``n/a``. Values are strings,
     credentials removed."""
     settings = manifest.get("settings") or {}
@@ -61,6 +63,7 @@ def pipeline_params(
         else calibration.get("samples"),
         "model_source": model_source or sources.get("model"),
         "model_digest": model_digest or manifest.get("dense_model_sha256"),
+        "prunable": manifest.get("prunable"),
     }
     return {k: param_value(values[k]) for k in param_names()}
 

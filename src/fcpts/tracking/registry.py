@@ -5,15 +5,21 @@ MLflow 3 aliases and version tags; no stages.
 * :func:`register` registers the logged model of a pipeline's MLflow run, only when the
   gate approved it. Each version carries the tags ``target``, ``achieved_sparsity``,
   ``metric``, ``metric_value`` (the sparse model's), ``dense_metric_value``,
-  ``greater_is_better``, ``allocator``, ``source_run_id``, ``evaluation_digest``,
-  ``fcpts_version``, then ``decision`` and ``decision_reason``. Registering a run that
-  already has a version (same ``source_run_id`` tag) returns that version: no second one.
+  ``greater_is_better``, ``allocator``, ``model_source``, ``model_digest``,
+  ``prunable``, ``source_run_id``, ``evaluation_digest``, ``fcpts_version``, then
+  ``decision`` and ``decision_reason``. Registering a run that already has a version
+  (same ``source_run_id`` tag) returns that version: no second one.
 * The new version gets the alias ``challenger``. It takes the alias ``champion`` (and
-  drops ``challenger``) when there is no champion, or when it beats the champion on the
-  same metric, measured on the same evaluation data where both digests are known, at the
-  same or a higher achieved sparsity (:func:`decide`). A lower sparsity never displaces
-  the champion; a tie does not either. The reason is written to the version's
-  ``decision_reason`` tag and description.
+  drops ``challenger``) when there is no champion, or when :func:`decide` says it beats
+  the champion. One registered model holds every target of a source model (the default
+  name is ``<model>-<method>``), so the rule says what happens when targets differ: only
+  versions measured alike compete (same metric, evaluation data, source model and
+  prunable weights, where known); a sparser version wins (the gate already held it
+  to the tolerance against the dense model); at the same sparsity the better metric wins
+  (a tie does not); a less sparse version never displaces the champion. The champion is
+  thus the sparsest approved version, best by the metric among equals, in whatever order
+  they were registered. The reason is written to the version's ``decision_reason`` tag
+  and description.
 * :func:`promote` makes any version the champion by hand; :func:`rollback` gives the
   alias back to the previous champion. The champions so far are kept, oldest first, in the
   registered model's tag ``fcpts.champion_history`` (a JSON list of versions).

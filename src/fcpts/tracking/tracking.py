@@ -4,23 +4,30 @@ Layout: one MLflow run per pipeline run, no child runs; every key says its step.
 
 * Params (the same names on every run, ``n/a`` where a setting does not apply to the
   allocator): ``target``, ``allocator``, ``score``, ``seed``, ``calibration_samples``,
-  ``model_source``, ``model_digest`` and every declared setting of every method by its
-  flag's name (see :func:`pipeline_params`), then ``metric`` and ``evaluation_samples``
-  from the evaluate step.
-* Metrics, grouped by step prefix: ``allocate/loss``, ``allocate/rec_loss``,
-  ``allocate/constraint_loss``, ``allocate/global_sparsity`` (one point per allocator
-  iteration: curves), ``allocate/achieved_sparsity``, ``allocate/exact``,
-  ``allocate/zeros``, ``allocate/prunable``; ``evaluate/dense``, ``evaluate/sparse``,
-  ``evaluate/delta`` (sparse - dense, in the unit of the metric named by the ``metric``
-  param) and the other numbers of ``metrics.json``; ``<step>/seconds`` (wall time of
-  calibrate, allocate, evaluate, register).
-* Artifacts: ``allocation/manifest.json``, ``evaluation/metrics.json``, the chart and the
-  report under ``evaluation/``; the sparse model as an MLflow PyTorch model (a logged
-  model of the run, ``fcpts.model_uri`` tag); calibration and evaluation data as dataset
-  inputs (context ``calibration`` / ``evaluation``) with their digests.
+  ``model_source``, ``model_digest``, ``prunable`` and every declared setting of every
+  method by its flag's name (see :func:`pipeline_params`), then ``metric``,
+  ``evaluation_samples``, ``evaluation_seed``, ``eval_batch_size`` and the latency
+  settings from the evaluate step.
+* Metrics, what a run measured, grouped by step prefix: ``allocate/loss``,
+  ``allocate/rec_loss``, ``allocate/constraint_loss``, ``allocate/global_sparsity`` (one
+  point per allocator iteration: curves), ``allocate/achieved_sparsity``,
+  ``allocate/zeros``; ``evaluate/dense``, ``evaluate/sparse``, ``evaluate/delta``
+  (sparse - dense, in the unit of the metric named by the ``metric`` param), size and
+  latency; ``<step>/seconds`` (wall time of calibrate, allocate, evaluate, register).
+  Constants of the run are params or tags, not metrics: :mod:`fcpts.tracking.outputs`
+  classifies every number of ``metrics.json``.
+* Artifacts: ``allocation.png`` (the per-layer chart) and ``layers.json`` (the per-layer
+  table, an MLflow table) at the root, the same paths on every run, so the compare view
+  shows them side by side; ``allocation/manifest.json``, ``evaluation/metrics.json`` and
+  the reports under ``evaluation/``; the sparse model as an MLflow model (a logged model
+  of the run, ``fcpts.model_uri`` tag); calibration and evaluation data as dataset inputs
+  (context ``calibration`` / ``evaluation``) with their digests.
 * Tags: ``fcpts.pipeline_run_id``, ``fcpts.version``, ``fcpts.git_commit`` (and MLflow's
   own ``mlflow.source.git.commit``, shown by the UI), ``fcpts.step.<step>`` (running,
-  done, failed), ``fcpts.failed_step``.
+  done, failed), ``fcpts.failed_step``, and the checks ``fcpts.exact``,
+  ``fcpts.counts_match_manifest``, ``fcpts.same_data_as_calibration``,
+  ``fcpts.evaluation_overlap``. The run is named by model, method and target
+  (:func:`fcpts.tracking.names.run_name`).
 
 Why one run and not a parent with a child run per step: MLflow compares *runs*, so a
 pipeline's settings and results must sit on one run for the compare view's plots to relate
@@ -34,9 +41,10 @@ Steps may run in separate processes (or containers): each opens the same MLflow 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -53,12 +61,9 @@ from .curves import CurveLogger
 from .datasets import batches_digest, batches_numpy, dataset_source
 from .model_log import MODEL_NAME, log_model
 from .names import (
+    CHART_ARTIFACT,
     CURVE_PREFIX,
-    METRIC_ACHIEVED,
-    METRIC_DELTA,
-    METRIC_DENSE,
-    METRIC_EXACT,
-    METRIC_SPARSE,
+    LAYERS_TABLE,
     PIPELINE_RUN_ID_RE,
     STEP_SECONDS,
     TAG_DIGEST,
@@ -67,7 +72,8 @@ from .names import (
     TAG_PIPELINE_RUN_ID,
     TAG_STEP,
 )
-from .params import metric_key, now_ms, numbers, param_value, pipeline_params
+from .outputs import allocation_record, evaluation_record, layers_table, read_metrics
+from .params import metric_key, now_ms, param_value, pipeline_params
 from .provenance import git_commit, model_digest, new_pipeline_run_id, standard_tags
 from .redaction import redact
 from .retry import RetryPolicy
@@ -117,12 +123,14 @@ class PipelineRun:
         tracking_uri: str | None = None,
         experiment: str = DEFAULT_EXPERIMENT,
         run_name: str | None = None,
+        rename: bool = False,
         tags: Mapping[str, Any] | None = None,
         root: str | os.PathLike = DEFAULT_ROOT,
         retry: RetryPolicy | None = None,
     ) -> PipelineRun:
         """The MLflow run of pipeline run ``pipeline_run_id`` in ``experiment``: found by its
-        ``fcpts.pipeline_run_id`` tag, else created (a new id when None). Marks it RUNNING.
+        ``fcpts.pipeline_run_id`` tag, else created (a new id when None) and named
+        ``run_name``. Marks it RUNNING; with ``rename`` a found run takes ``run_name`` too.
 
         ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else the embedded
         ``sqlite:///<root>/mlflow.db``. Raises ServiceError when the store cannot be
@@ -138,9 +146,14 @@ class PipelineRun:
         found = cls._find(store, exp_id, pid)
         if found:
             run = found[0]
-            if run.info.status != "RUNNING":
+            name = run_name if rename and run_name and run_name != run.info.run_name else None
+            if run.info.status != "RUNNING" or name:
                 store.call(
-                    "reopen the run", store.client.update_run, run.info.run_id, status="RUNNING"
+                    "reopen the run",
+                    store.client.update_run,
+                    run.info.run_id,
+                    status="RUNNING",
+                    name=name,
                 )
             self = cls(store, run.info.run_id, exp_id, pid)
             if tags:
@@ -314,21 +327,19 @@ class PipelineRun:
     def log_allocation(
         self, sparse_dir: str | os.PathLike, *, history: Sequence[Mapping[str, Any]] | None = None
     ) -> dict[str, Any]:
-        """Log the allocate step's output folder: ``manifest.json`` as an artifact under
-        ``allocation/`` and the metrics ``allocate/achieved_sparsity``, ``allocate/exact``
-        (1 or 0), ``allocate/zeros``, ``allocate/prunable``; plus ``history`` as curves when
-        given (leave it out if a :meth:`curve_logger` already sent them). Returns the
-        manifest."""
+        """Log the allocate step's output folder: ``manifest.json`` under ``allocation/``,
+        the MLflow table ``layers.json``, the metrics and tags of
+        :func:`fcpts.tracking.outputs.allocation_record`; ``history`` as curves when given
+        (not if a :meth:`curve_logger` sent them). Returns the manifest."""
         data = read_manifest(sparse_dir)
         self.log_artifact(Path(sparse_dir) / MANIFEST_FILE, "allocation")
-        self.log_metrics(
-            {
-                METRIC_ACHIEVED: data["achieved_sparsity"],
-                METRIC_EXACT: 1.0 if data.get("exact") else 0.0,
-                "allocate/zeros": data["zeros"],
-                "allocate/prunable": data["prunable"],
-            }
+        table = layers_table(data["layers"])
+        self.store.call(
+            "upload the layers", self.client.log_table, self.run_id, table, LAYERS_TABLE
         )
+        metrics, tags = allocation_record(data)
+        self.log_metrics(metrics)
+        self.set_tags(tags)
         if history:
             self.log_history(history)
         return data
@@ -342,48 +353,38 @@ class PipelineRun:
         samples: int | None = None,
     ) -> dict[str, Any]:
         """Log the evaluate step's output: ``metrics`` (the dict or the ``metrics.json``
-        path, with at least ``metric``, ``dense``, ``sparse``) as ``evaluate/dense``,
-        ``evaluate/sparse``, ``evaluate/delta`` and ``evaluate/<key>`` for its other numbers
-        (nested ones as ``evaluate/size.<key>``); the params ``metric`` and
-        ``evaluation_samples`` (default: ``samples`` or ``evaluation.samples``); the tag
-        ``fcpts.higher_is_better`` when the metrics say; ``metrics.json``, ``chart`` and
-        ``report`` as artifacts under ``evaluation/``. Returns the metrics dict."""
+        path, with at least ``metric``, ``dense``, ``sparse``) as metrics, params and tags
+        (:func:`fcpts.tracking.outputs.evaluation_record`; ``evaluation_samples`` defaults
+        to ``samples``), the tag ``fcpts.higher_is_better`` when the metrics say;
+        ``metrics.json`` and ``report`` under ``evaluation/``, ``chart`` at
+        ``allocation.png`` (:meth:`log_chart`). Returns the metrics dict."""
+        data = read_metrics(metrics)
         if isinstance(metrics, Mapping):
-            data = dict(metrics)
             self.log_dict(data, "evaluation/metrics.json")
         else:
-            path = Path(metrics)
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UserError(f"cannot read the evaluation metrics {path}: {exc}") from None
-            self.log_artifact(path, "evaluation")
-        missing = [k for k in ("metric", "dense", "sparse") if k not in data]
-        if missing:
-            raise UserError(
-                f"the evaluation metrics have no {', '.join(missing)}: rerun `fcpts evaluate`"
-            )
-        dense, sparse = float(data["dense"]), float(data["sparse"])
-        values: dict[str, float] = {
-            METRIC_DENSE: dense,
-            METRIC_SPARSE: sparse,
-            METRIC_DELTA: sparse - dense,
-        }
-        skip = {"metric", "dense", "sparse", "achieved_sparsity", "target", "higher_is_better"}
-        skip |= {"layers", "gate", "step_seconds", "fcpts_version", "format"}
-        rest = {k: v for k, v in data.items() if k not in skip}
-        values.update({k: v for k, v in numbers(rest, "evaluate/").items() if k not in values})
+            self.log_artifact(metrics, "evaluation")
+        values, params, tags = evaluation_record(data)
         self.log_metrics(values)
-        if samples is None:
-            nested = data.get("evaluation") if isinstance(data.get("evaluation"), Mapping) else {}
-            samples = data.get("samples") or nested.get("samples")
-        self.log_params({"metric": data["metric"], "evaluation_samples": samples})
+        if samples is not None or params["evaluation_samples"] is None:
+            params["evaluation_samples"] = samples if samples is not None else data.get("samples")
+        self.log_params(params)
         if "higher_is_better" in data:
-            self.set_tags({TAG_HIGHER_IS_BETTER: str(bool(data["higher_is_better"])).lower()})
-        for extra in (chart, report):
-            if extra is not None:
-                self.log_artifact(extra, "evaluation")
+            tags[TAG_HIGHER_IS_BETTER] = str(bool(data["higher_is_better"])).lower()
+        self.set_tags(tags)
+        if chart is not None:
+            self.log_chart(chart)
+        if report is not None:
+            self.log_artifact(report, "evaluation")
         return data
+
+    def log_chart(self, chart: str | os.PathLike) -> None:
+        """The per-layer chart (a PNG) at ``allocation.png``, the artifact root: the same
+        path on every run, whatever the file is called, for the compare view."""
+        p = Path(chart)
+        if p.name == CHART_ARTIFACT or not p.is_file():
+            return self.log_artifact(p)
+        with tempfile.TemporaryDirectory(prefix="fcpts-chart-") as tmp:
+            self.log_artifact(shutil.copyfile(p, Path(tmp) / CHART_ARTIFACT))
 
     def log_model(
         self,

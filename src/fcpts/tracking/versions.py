@@ -34,10 +34,14 @@ from .names import (
     V_FCPTS_VERSION,
     V_GREATER_IS_BETTER,
     V_METRIC,
+    V_MODEL_DIGEST,
+    V_MODEL_SOURCE,
+    V_PRUNABLE,
     V_REASON,
     V_SOURCE_RUN,
     V_TARGET,
     V_VALUE,
+    model_base,
 )
 
 HISTORY_MAX = 100
@@ -110,9 +114,21 @@ def versions_of_run(store: Store, name: str, run_id: str) -> list:
 
 
 def version_summary(tags: Mapping[str, str]) -> str:
+    """A version's description, e.g. "minilm pruned by fcpts to 50% sparsity (0.500000 of
+    its prunable weights are zero), cosine 0.93 (dense 1); source run <id>."."""
+    model = model_base(tags[V_MODEL_SOURCE]) if tags.get(V_MODEL_SOURCE, NA) != NA else "the model"
+    target = tags.get(V_TARGET, NA)
+    try:
+        to = f"to {float(target) * 100:g}% sparsity"
+    except (TypeError, ValueError):
+        to = "(no target recorded)"
+    try:
+        achieved = f"{float(tags.get(V_ACHIEVED)):.6f}"
+    except (TypeError, ValueError):
+        achieved = NA
     return (
-        f"fcpts {tags.get(V_ALLOCATOR, NA)} at sparsity {fmt_number(tags.get(V_ACHIEVED))} "
-        f"(target {tags.get(V_TARGET, NA)}): {tags.get(V_METRIC, NA)} {fmt_number(tags.get(V_VALUE))} "
+        f"{model} pruned by {tags.get(V_ALLOCATOR, NA)} {to} ({achieved} of its prunable "
+        f"weights are zero), {tags.get(V_METRIC, NA)} {fmt_number(tags.get(V_VALUE))} "
         f"(dense {fmt_number(tags.get(V_DENSE, NA))}); source run {tags.get(V_SOURCE_RUN, NA)}."
     )
 
@@ -205,6 +221,9 @@ def run_facts(store: Store, run_id: str, higher: bool | None) -> tuple[dict[str,
         V_DENSE: repr(float(metrics[METRIC_DENSE])) if METRIC_DENSE in metrics else NA,
         V_GREATER_IS_BETTER: "true" if higher else "false",
         V_ALLOCATOR: params.get("allocator", NA),
+        V_MODEL_SOURCE: params.get("model_source", NA),
+        V_MODEL_DIGEST: params.get("model_digest", NA),
+        V_PRUNABLE: params.get("prunable", NA),
         V_SOURCE_RUN: run_id,
         V_FCPTS_VERSION: tags.get(TAG_VERSION, NA),
     }
