@@ -63,12 +63,13 @@ class RegistryLock:
                         f"Lock of fcpts decisions on model {self.name}; held by {self.holder}. "
                         f"Safe to delete when older than {self.ttl:.0f} s."
                     ),
-                    passthrough=(ERR_EXISTS,),
+                    # a creation racing another's release can report the model missing
+                    passthrough=(ERR_EXISTS, ERR_MISSING),
                 )
                 self.held = True
                 return
             except MlflowException:
-                pass  # somebody holds it
+                pass  # somebody holds it, or took or released it meanwhile: look again
             held = self._read()
             if held is not None:
                 age = time.time() - held.creation_timestamp / 1000.0
