@@ -71,6 +71,9 @@ class RegistryLock:
             except MlflowException:
                 pass  # somebody holds it, or took or released it meanwhile: look again
             held = self._read()
+            if held is not None and held.tags.get("token") == self.token:
+                self.held = True  # our creation went through although its reply was an error
+                return
             if held is not None:
                 age = time.time() - held.creation_timestamp / 1000.0
                 if age > self.ttl:
