@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fcpts.errors import ServiceError, UserError
+from fcpts.export import sparse_format
 from fcpts.sources import Sources, resolve_data, resolve_model, sample_digests, split_indices
 from fcpts.sparse_model import sha256_file
 from fcpts.steps import (
@@ -19,7 +20,6 @@ from fcpts.steps import (
     gate,
     load_calibration,
     register,
-    sparse_format,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -184,6 +184,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "seed": get_option(args, "seed", 0),
         "device": get_option(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
+        "save": get_option(args, "save", "dense"),
         "progress_bar": progress_enabled(args),
         "checkpoint_dir": get_option(args, "checkpoint_dir", None),
         "checkpoint_every": get_option(args, "checkpoint_every", 25),

@@ -51,7 +51,7 @@ from ..sources import (
 )
 from ..sparse_model import load_sparse, read_manifest
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
-from . import sparse_format
+from ..export import sparse_format
 from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
 
@@ -264,6 +264,7 @@ def _evaluate(
         "batches": batches,
         "task": task,
         "data_source": data.source,
+        "folder": Path(sparse),
     }
     return Evaluation(path=out, metrics=metrics), logged
 
