@@ -27,6 +27,8 @@ def export_program(
     path = Path(folder) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet():
-        program = torch.export.export(g.module, tuple(g.inputs.values()), dynamic_shapes=(g.shapes,))
+        program = torch.export.export(
+            g.module, tuple(g.inputs.values()), dynamic_shapes=(g.shapes,)
+        )
         torch.export.save(program, str(path))
     return path, g

@@ -27,10 +27,10 @@ from ..alloc.base import Callback
 from ..checkpoint import FILE_NAME
 from ..core import LayerSelection, sparsify
 from ..errors import UserError
+from ..export.folder import SourceFormat
 from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
-from ..export.folder import SourceFormat
 from ..sparse_model import apply_allocation, manifest, save_sparse
 from ..tasks import to_device
 from .calibrate import Calibration, load_calibration

@@ -80,7 +80,9 @@ def log_model(
                     mlflow.models.Model.log,
                     artifact_path=None,
                     name=name,
-                    flavor=_Flavor(torch_file=spec.get("file") if spec["kind"] == "torch-export" else None),
+                    flavor=_Flavor(
+                        torch_file=spec.get("file") if spec["kind"] == "torch-export" else None
+                    ),
                     run_id=run.run_id,
                     python_model=str(PYFUNC_CODE),
                     artifacts={ARTIFACT: str(art)},
@@ -109,7 +111,9 @@ class _Flavor:
         data = Path(path) / "artifacts" / ARTIFACT
         if self.torch_file and (data / self.torch_file).is_file():
             mlflow_model.add_flavor(
-                "pytorch", model_data=f"artifacts/{ARTIFACT}", pytorch_version=str(torch.__version__)
+                "pytorch",
+                model_data=f"artifacts/{ARTIFACT}",
+                pytorch_version=str(torch.__version__),
             )
             mlflow_model.save(str(Path(path) / "MLmodel"))
 
