@@ -220,3 +220,29 @@ def test_compressed_loads_back_bit_exactly_and_is_the_reported_size(digits_calib
         ev_dense.metrics["size"]["sparse_bytes"]
         == (tmp_path / "d" / "model.safetensors").stat().st_size
     )
+
+
+def test_causal_lm_folder_loads_with_its_own_class(tmp_path):
+    """A decoder with tied embeddings: ``save_pretrained`` leaves the tied output weight out;
+    AutoModelForCausalLM loads the folder as the source's class and fcpts loads it back."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from fcpts.sparse_model import save_sparse
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, ::2] = 0
+    ids = torch.randint(0, 64, (2, 8))
+    save_sparse(model, {"target": 0.5}, tmp_path, example=((), {"input_ids": ids}))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["model_file"] == "model.safetensors" and "onnx" in m
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
+    back, _ = load_sparse(GPT2LMHeadModel(config).eval(), tmp_path)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

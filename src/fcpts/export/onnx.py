@@ -3,7 +3,7 @@
 A Hugging Face encoder (its ``forward`` takes ``input_ids``) gets the inputs
 ``input_ids``, ``attention_mask`` and ``token_type_ids`` (those its ``forward`` accepts),
 with dynamic batch and sequence axes, and one output, ``last_hidden_state`` (the model's
-first output). Any other model keeps the names of its ``forward`` arguments (``x``) with a
+first output; ``logits`` for a model with a language-model head). Any other model keeps the names of its ``forward`` arguments (``x``) with a
 dynamic batch axis, and its first output is ``output``.
 
 torch's exporter (torch.export, ``dynamo=True``) is used: the TorchScript exporter traces
@@ -44,6 +44,8 @@ class FirstOutput(nn.Module):
         out = self.model(**dict(zip(self.names, inputs, strict=True)))
         if hasattr(out, "last_hidden_state"):
             return out.last_hidden_state
+        if hasattr(out, "logits"):
+            return out.logits
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -95,7 +97,13 @@ def graph(model: nn.Module, args: tuple = (), kwargs: Mapping[str, Any] | None =
     if is_encoder(model):
         seq = torch.export.Dim("sequence")
         shapes = tuple({0: batch, 1: seq} for _ in inputs)
-        output = "last_hidden_state"
+        with torch.no_grad():
+            out = model(**inputs)
+        output = (
+            "logits"
+            if hasattr(out, "logits") and not hasattr(out, "last_hidden_state")
+            else "last_hidden_state"
+        )
     else:
         shapes = tuple({0: batch} for _ in inputs)
         output = "output"
