@@ -48,7 +48,6 @@ class SparseModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts["folder"])
         self.spec = json.loads((folder / SPEC_FILE).read_text())
         kind = self.spec["kind"]
-        torch.set_grad_enabled(False)
         if kind == "sentence-transformers":
             from sentence_transformers import SentenceTransformer
 
