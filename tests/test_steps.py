@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fcpts.errors import ServiceError, UserError
+from fcpts.export import sparse_format
 from fcpts.sources import Sources, resolve_data, resolve_model, sample_digests, split_indices
-from fcpts.sparse_model import sha256_file
+from fcpts.sparse_model import load_state, sha256_file
 from fcpts.steps import (
     Decision,
     allocate,
@@ -19,14 +20,13 @@ from fcpts.steps import (
     gate,
     load_calibration,
     register,
-    sparse_format,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _saved_zeros(sparse_dir, manifest):
-    state = load_file(str(sparse_dir / "model.safetensors"))
+    state, _ = load_state(sparse_dir)  # the folder's model file, whatever its format
     return {
         layer["name"]: int((state[f"{layer['name']}.weight"] == 0).sum())
         for layer in manifest["layers"]

@@ -1,31 +1,46 @@
 """Apply an allocation to a model, describe it in a manifest, save and load it.
 
-The sparse model is saved as ``model.safetensors`` (the whole state_dict under the source
-model's own parameter names, pruned weights written as zeros) beside ``manifest.json``.
-Loading reads safetensors only: nothing is ever unpickled.
+The sparse model is saved in its source's own format (:mod:`fcpts.export.folder`: a
+Hugging Face or sentence-transformers folder, a TorchScript file, or a state_dict in
+``model.safetensors``, pruned weights written as zeros), with ``model.onnx`` and
+``manifest.json``. Loading reads safetensors or TorchScript: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
 from .alloc.base import Allocation
 from .digests import sha256_file
 from .errors import UserError
+from .export import sparse_format
+from .export.folder import (
+    COMPRESSED_FILE,
+    FILE_MODE,
+    MODEL_FILE,
+    TORCHSCRIPT_FILE,
+    SourceFormat,
+    files,
+    write_folder,
+)
+from .export.onnx import FILE_NAME as ONNX_FILE
+from .export.onnx import export_onnx
 from .metrics import round_half_up, sparsity_figures, state_zeros  # noqa: F401 (round_half_up re-exported)
 
-MODEL_FILE = "model.safetensors"
+log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -109,29 +124,64 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_sparse(model: nn.Module, data: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``manifest.json`` (with the model's sha256) to out_dir.
+def save_sparse(
+    model: nn.Module,
+    data: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    source: SourceFormat | None = None,
+    compressed: bool = False,
+    example: tuple[tuple, dict] | None = None,
+) -> Path:
+    """Write the model in its source's format (:func:`fcpts.export.folder.write_folder`),
+    ``model.onnx`` when ``example`` (the ``(args, kwargs)`` of one call) is given, and
+    ``manifest.json`` (with the model file's name and sha256) to out_dir.
 
-    The manifest's zeros (per layer and overall), achieved sparsity, ``exact`` and
-    ``empty_layers`` are counted in the tensors written.
-
-    Each file is written to a temporary name and renamed, the manifest last, so a folder
-    with a manifest always holds a complete model.
+    ``compressed`` writes the prunable layers' weights as bitmask+values
+    (:mod:`fcpts.export.sparse_format`) instead of dense; no ONNX file then (it would hold
+    the dense weights). The manifest's zeros (per layer and overall), achieved sparsity,
+    ``exact`` and ``empty_layers`` are counted in the tensors written. The manifest is
+    written last, so a folder with a manifest always holds a complete model.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    model_path = out / MODEL_FILE
-    _atomic_write(model_path, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    data = dict(counted(data, state), model_file=MODEL_FILE, model_sha256=sha256_file(model_path))
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    params = [f"{layer['name']}.weight" for layer in data.get("layers", [])]
+    written = write_folder(model, out, source, compressed=params if compressed else None)
+    data = dict(counted(data, state), **written)
+    data["model_sha256"] = sha256_file(out / written["model_file"])
+    data["onnx"] = _onnx(model, out, example, compressed)
+    data["files"] = files(out)
     _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
     return out
+
+
+def _onnx(
+    model: nn.Module, out: Path, example: tuple[tuple, dict] | None, compressed: bool
+) -> dict[str, Any]:
+    """Export ``model.onnx``; on failure none is written and the reason is returned."""
+    if compressed:
+        reason = "not written with --save compressed: it would hold the dense weights"
+        return {"file": None, "reason": reason}
+    if example is None:
+        return {"file": None, "reason": "no example input to trace"}
+    start = time.perf_counter()
+    try:
+        path = export_onnx(model, out, *example)
+    except Exception as exc:  # any exporter failure: the folder stays usable without it
+        (out / ONNX_FILE).unlink(missing_ok=True)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        log.warning("model.onnx not written: %s", reason)
+        return {"file": None, "reason": reason}
+    os.chmod(path, FILE_MODE)
+    return {"file": path.name, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def read_manifest(sparse_dir: str | os.PathLike) -> dict[str, Any]:
@@ -149,7 +199,10 @@ def read_manifest(sparse_dir: str | os.PathLike) -> dict[str, Any]:
 def load_state(
     sparse_dir: str | os.PathLike, verify: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The saved state_dict and manifest; checks the file's sha256 against the manifest."""
+    """The saved state_dict and manifest; checks the file's sha256 against the manifest.
+
+    Reads a folder's ``model.safetensors`` (a state_dict or a transformers
+    ``save_pretrained`` file), its compressed form, or its TorchScript ``model.pt``."""
     data = read_manifest(sparse_dir)
     path = Path(sparse_dir) / data.get("model_file", MODEL_FILE)
     if not path.is_file():
@@ -161,9 +214,14 @@ def load_state(
             f"{path} does not match the sha256 in its manifest: the file is corrupt or was changed"
         )
     try:
+        if path.name == COMPRESSED_FILE:
+            return sparse_format.unpack(path), data
+        if path.name == TORCHSCRIPT_FILE:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+            return {k: v.detach() for k, v in scripted.state_dict().items()}, data
         return load_file(str(path)), data
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path} is not a readable model file ({exc})") from None
 
 
 def load_sparse(
@@ -173,10 +231,23 @@ def load_sparse(
     state, data = load_state(sparse_dir)
     sparse = copy.deepcopy(model)
     try:
-        sparse.load_state_dict(state, strict=True)
+        _load_into(sparse, state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(
             f"the sparse model in {sparse_dir} does not fit this model: {first}"
         ) from None
     return sparse, data
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that accepts a file without a tied weight (``save_pretrained``
+    leaves out e.g. an output embedding that shares the input embedding's storage)."""
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if result.unexpected_keys or untied:
+        raise RuntimeError(
+            f"missing keys {untied[:3]}, unexpected keys {result.unexpected_keys[:3]}"
+        )

@@ -59,8 +59,9 @@ def add_parsers(sub) -> None:
         formatter_class=Formatter,
         help="allocate the target sparsity and save the sparse model",
         description="Allocate the global target sparsity over the prunable layers with a method from "
-        f"the registry ({methods_help()}) and write DIR/model.safetensors (the whole state_dict under "
-        "the model's own parameter names) and DIR/manifest.json (target, achieved_sparsity, zeros, "
+        f"the registry ({methods_help()}) and write the sparse model to DIR in the source's own format "
+        "(a Hugging Face or sentence-transformers folder, a TorchScript file, or model.safetensors "
+        "holding the state_dict), DIR/model.onnx and DIR/manifest.json (target, achieved_sparsity, zeros, "
         "prunable, method, score, per-layer figures). Give a --calibration folder, or --model (and "
         "--data) to calibrate on the fly.",
     )
@@ -198,6 +199,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "seed": get_option(args, "seed", 0),
         "device": get_option(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
+        "save": get_option(args, "save", "dense"),
         "progress": progress_from_args(args),
         "checkpoint_dir": get_option(args, "checkpoint_dir", None),
         "checkpoint_every": get_option(args, "checkpoint_every", 25),
@@ -258,7 +260,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             "(evaluate for held-out quality vs dense)"
         )
     print(report.summary(manifest=m, notes=notes))
-    print(f"wrote {_where(args.out, result.path)}/model.safetensors and manifest.json")
+    onnx = " and model.onnx" if (m.get("onnx") or {}).get("file") else ""
+    print(f"wrote {_where(args.out, result.path)}/{m.get('model_file')}{onnx} and manifest.json")
     return 0
 
 

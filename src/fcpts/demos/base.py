@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -22,3 +23,4 @@ class Demo:
     selection: LayerSelection = field(default_factory=LayerSelection)
     defaults: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None  # the text demos' tokenizer, for user text data
+    folder: Path | None = None  # the model's Hugging Face folder, when it has one

@@ -61,7 +61,8 @@ def _split(
 
 
 def load() -> Demo:
-    model, tokenizer = load_encoder(model_dir())
+    folder = model_dir()
+    model, tokenizer = load_encoder(folder)
     corpus = text.sentences()
     return Demo(
         name="minilm",
@@ -71,4 +72,5 @@ def load() -> Demo:
         selection=LayerSelection(exclude=("pooler.*",)),
         defaults={"calibration_samples": 512, "evaluation_samples": 512, "batch_size": 16},
         tokenizer=tokenizer,
+        folder=folder,
     )

@@ -3,7 +3,7 @@
 A Hugging Face encoder (its ``forward`` takes ``input_ids``) gets the inputs
 ``input_ids``, ``attention_mask`` and ``token_type_ids`` (those its ``forward`` accepts),
 with dynamic batch and sequence axes, and one output, ``last_hidden_state`` (the model's
-first output). Any other model keeps the names of its ``forward`` arguments (``x``) with a
+first output; ``logits`` for a model with a language-model head). Any other model keeps the names of its ``forward`` arguments (``x``) with a
 dynamic batch axis, and its first output is ``output``.
 
 torch's exporter (torch.export, ``dynamo=True``) is used: the TorchScript exporter traces
@@ -13,9 +13,12 @@ file (no external data), so the file alone is the model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 FILE_NAME = "model.onnx"
 
 
-class _FirstOutput(nn.Module):
+class FirstOutput(nn.Module):
     """Calls the model with named inputs and returns its first output as a plain tensor."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
@@ -41,6 +44,8 @@ class _FirstOutput(nn.Module):
         out = self.model(**dict(zip(self.names, inputs, strict=True)))
         if hasattr(out, "last_hidden_state"):
             return out.last_hidden_state
+        if hasattr(out, "logits"):
+            return out.logits
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -73,6 +78,52 @@ def example_inputs(
     return {n: v for n, v in named.items() if isinstance(v, torch.Tensor)}
 
 
+@dataclass
+class Graph:
+    """What an exporter traces: the model behind named inputs returning its first output,
+    one example of each input (batch of at least two), their dynamic axes, the output's
+    name."""
+
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    shapes: tuple[dict[int, Any], ...]
+    output: str
+
+
+def graph(model: nn.Module, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Graph:
+    """The :class:`Graph` of ``model`` from one example call."""
+    inputs = {n: _at_least_two(t) for n, t in example_inputs(model, args, kwargs).items()}
+    batch = torch.export.Dim("batch")
+    if is_encoder(model):
+        seq = torch.export.Dim("sequence")
+        shapes = tuple({0: batch, 1: seq} for _ in inputs)
+        with torch.no_grad():
+            out = model(**inputs)
+        output = (
+            "logits"
+            if hasattr(out, "logits") and not hasattr(out, "last_hidden_state")
+            else "last_hidden_state"
+        )
+    else:
+        shapes = tuple({0: batch} for _ in inputs)
+        output = "output"
+    return Graph(FirstOutput(model, tuple(inputs)).eval(), inputs, shapes, output)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No warnings nor the exporter's log lines (e.g. about torchvision ops) while exporting."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(
     model: nn.Module,
     folder: str | Path,
@@ -80,28 +131,17 @@ def export_onnx(
     kwargs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``folder/model.onnx`` from ``model`` and one example call; returns its path."""
-    inputs = {n: _at_least_two(t) for n, t in example_inputs(model, args, kwargs).items()}
-    names = tuple(inputs)
-    batch = torch.export.Dim("batch")
-    if is_encoder(model):
-        seq = torch.export.Dim("sequence")
-        shapes = tuple({0: batch, 1: seq} for _ in names)
-        output = "last_hidden_state"
-    else:
-        shapes = tuple({0: batch} for _ in names)
-        output = "output"
+    g = graph(model, args, kwargs)
     path = Path(folder) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _FirstOutput(model, names).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with quiet():
         torch.onnx.export(
-            wrapper,
-            tuple(inputs.values()),
+            g.module,
+            tuple(g.inputs.values()),
             str(path),
-            input_names=list(names),
-            output_names=[output],
-            dynamic_shapes=(shapes,),
+            input_names=list(g.inputs),
+            output_names=[g.output],
+            dynamic_shapes=(g.shapes,),
             dynamo=True,
             external_data=False,
             verbose=False,

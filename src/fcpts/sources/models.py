@@ -48,6 +48,7 @@ class ResolvedModel:
     model: nn.Module
     weights: str | None = None
     tokenizer: Any = None
+    folder: Path | None = None  # a Hugging Face source's folder (configs, modules to copy)
     demo: Any = None  # fcpts.demos.Demo for demo sources
     selection: LayerSelection = field(default_factory=LayerSelection)
     defaults: dict[str, int] = field(default_factory=lambda: dict(GENERIC_DEFAULTS))
@@ -126,6 +127,7 @@ def _load_demo(source: str) -> ResolvedModel:
         kind="demo",
         model=demo.model.eval(),
         tokenizer=demo.tokenizer,
+        folder=demo.folder,
         demo=demo,
         selection=demo.selection,
         defaults=defaults,
@@ -172,6 +174,7 @@ def _load_huggingface(path: Path, source: str) -> ResolvedModel:
         kind="huggingface",
         model=model.eval(),
         tokenizer=tokenizer,
+        folder=path,
         selection=selection,
         defaults=defaults,
     )

@@ -4,7 +4,8 @@ Each step reads and writes folders, so the CLI, the KFP components and tests cal
 same code:
 
 * :func:`calibrate` (:class:`~fcpts.sources.Sources` -> calibration folder)
-* :func:`allocate` (calibration folder -> sparse model folder: model.safetensors + manifest.json)
+* :func:`allocate` (calibration folder -> sparse model folder in the source's format,
+  model.onnx, manifest.json)
 * :func:`evaluate` (dense model + sparse folder -> metrics.json, chart, reports)
 * :func:`gate` (pure) and :func:`register` (metrics + sparse folder -> decision.json, registry)
 

@@ -1,7 +1,9 @@
 """Step 2, allocate: run an allocator from the registry on a calibration artifact.
 
-Writes ``model.safetensors`` (the whole state_dict of the sparse model under the source
-model's own parameter names) and ``manifest.json`` (target, achieved sparsity, zeros,
+Writes the sparse model in its source's own format (a Hugging Face or sentence-transformers
+folder, a TorchScript file, or ``model.safetensors`` holding the state_dict under the
+source model's own parameter names; :mod:`fcpts.export.folder`), ``model.onnx`` and
+``manifest.json`` (target, achieved sparsity, zeros,
 prunable, method, score, per-layer figures, plus where the model and the calibration
 data came from, so evaluation can reload the dense model and stay disjoint).
 """
@@ -25,10 +27,12 @@ from ..alloc.base import Callback
 from ..checkpoint import FILE_NAME
 from ..core import LayerSelection, sparsify
 from ..errors import UserError
+from ..export.folder import SourceFormat
 from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
+from ..tasks import to_device
 from .calibrate import Calibration, load_calibration
 from .common import (
     checkpoint_folder,
@@ -66,6 +70,7 @@ def allocate(
     seed: int = 0,
     device: str = "auto",
     recalibrate_bn: bool = False,
+    save: str = "dense",
     progress: str = "auto",
     log_every: int = 0,
     resolved: ResolvedModel | None = None,
@@ -82,6 +87,8 @@ def allocate(
     ``settings`` to the allocator's library defaults
     (for fcpts, ``seed`` fills its ``seed`` setting unless given). ``recalibrate_bn``
     re-estimates BatchNorm statistics of the sparse model on the calibration batches.
+    ``save`` is ``dense`` (the folder in the source's own format plus ``model.onnx``) or
+    ``compressed`` (bitmask+values weights; see :func:`fcpts.sparse_model.save_sparse`).
     ``progress`` shows the learned method's iterations (a bar on a terminal, else plain
     ``[fcpts] allocate: ...`` lines; see :class:`~fcpts.steps.progress.Progress`);
     ``log_every`` > 0 adds a line every that many iterations. ``tracking`` sends the
@@ -97,6 +104,8 @@ def allocate(
     starts afresh). The checkpoint is deleted once the output is written.
     """
     start = time.perf_counter()
+    if save not in ("dense", "compressed"):
+        raise UserError(f"--save must be dense or compressed, got {save!r}")
     cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else checkpoint_folder(out_dir)
     work = functools.partial(
@@ -114,6 +123,7 @@ def allocate(
         seed=seed,
         device=device,
         recalibrate_bn=recalibrate_bn,
+        save=save,
         progress=progress,
         log_every=log_every,
         resolved=resolved,
@@ -175,6 +185,7 @@ def _allocate(
     seed: int,
     device: str,
     recalibrate_bn: bool,
+    save: str,
     progress: str,
     log_every: int,
     resolved: ResolvedModel | None,
@@ -271,7 +282,14 @@ def _allocate(
         extra[RECORD_KEY] = tracking.record()
     data = manifest(allocation, extra)
     data["step_seconds"] = round(time.perf_counter() - start, 3)
-    path = save_sparse(sparse, data, out_dir)
+    path = save_sparse(
+        sparse,
+        data,
+        out_dir,
+        source=SourceFormat(folder=model.folder, tokenizer=model.tokenizer),
+        compressed=save == "compressed",
+        example=task.split(to_device(cal.batches[0], "cpu")),
+    )
     from ..sparse_model import read_manifest
 
     return Allocated(path=path, manifest=read_manifest(path), allocation=allocation)

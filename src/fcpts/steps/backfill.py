@@ -82,6 +82,7 @@ def _rebuild(manifest: dict[str, Any], metrics: dict[str, Any], sparse_dir: Path
         "batches": batches,
         "task": make_task(metrics.get("task") or manifest["task"]),
         "data_source": data.source,
+        "folder": sparse_dir,
     }
 
 

@@ -28,6 +28,8 @@ from torch import nn
 from .. import __version__, report, speed
 from ..core import resolve_device
 from ..errors import UserError
+from ..export import sparse_format
+from ..export.folder import COMPRESSED_FILE
 from ..metrics import (
     mean_cosine,
     neighbour_agreement,
@@ -50,7 +52,7 @@ from ..sources import (
 from ..sparse_model import load_sparse, read_manifest
 from ..speed_onnx import files_in
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
-from . import common, sparse_format
+from . import common
 from .common import input_folder, is_remote, move, positive_int, write_json, write_output
 from .progress import batch_progress
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
@@ -220,7 +222,7 @@ def _evaluate(
     )
     sparse_net = move(sparse_net, "cpu")
     move(dense_net, "cpu")
-    size = _sizes(model.model, sparse_net, [f"{layer['name']}.weight" for layer in layers])
+    size = _sizes(model.model, manifest, Path(sparse))
     latency = _latency(
         model.model,
         sparse_net,
@@ -286,6 +288,7 @@ def _evaluate(
         "batches": batches,
         "task": task,
         "data_source": data.source,
+        "folder": Path(sparse),
     }
     return Evaluation(path=out, metrics=metrics), logged
 
@@ -342,19 +345,26 @@ def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> 
     }
 
 
-def _sizes(dense: nn.Module, sparse: nn.Module, sparse_params: list[str]) -> dict[str, Any]:
+def _sizes(dense: nn.Module, manifest: Mapping[str, Any], sparse_dir: Path) -> dict[str, Any]:
+    """The dense safetensors' size and the size of the sparse model file that allocate
+    wrote (its dense weights, or with ``--save compressed`` the bitmask+values file)."""
     with tempfile.TemporaryDirectory(prefix="fcpts-size-") as tmp:
         dense_path = Path(tmp) / "dense.safetensors"
         state = {k: v.detach().cpu().contiguous().clone() for k, v in dense.state_dict().items()}
         save_file(state, str(dense_path))
         dense_bytes = dense_path.stat().st_size
         del state
-        sparse_bytes = sparse_format.save_packed(
-            sparse.state_dict(), sparse_params, Path(tmp) / "sparse.safetensors"
-        )
+    model_file = str(manifest.get("model_file", "model.safetensors"))
+    sparse_bytes = (Path(sparse_dir) / model_file).stat().st_size
+    compressed = model_file.endswith(COMPRESSED_FILE)
     return {
-        "format": sparse_format.FORMAT_NAME,
-        "format_description": sparse_format.FORMAT_DESCRIPTION,
+        "format": sparse_format.FORMAT_NAME
+        if compressed
+        else str(manifest.get("model_format", "safetensors (dense)")),
+        "format_description": sparse_format.FORMAT_DESCRIPTION
+        if compressed
+        else "the file allocate wrote, pruned weights stored as zeros",
+        "file": model_file,
         "dense_format": "safetensors (dense)",
         "dense_bytes": dense_bytes,
         "sparse_bytes": sparse_bytes,

@@ -83,6 +83,14 @@ class AllocationOptions:
         bool,
         Opt("re-estimate BatchNorm statistics of the sparse model on the calibration data"),
     ] = False
+    save: Annotated[
+        Literal["dense", "compressed"],
+        Opt(
+            "how the output folder holds the weights: dense (in the source's own format, "
+            "loadable without fcpts, plus model.onnx) or compressed (pruned weights as a "
+            "bitmask plus the kept values, which fcpts loads back exactly; no model.onnx)"
+        ),
+    ] = "dense"
 
 
 @dataclass(frozen=True)

@@ -291,10 +291,11 @@ def log_evaluation(
     task: Any,
     data_source: str,
     model: bool = True,
+    folder: str | os.PathLike | None = None,
 ) -> str | None:
     """evaluate: the evaluation data (dataset input), the metrics and reports, the gate's
-    verdict and, with ``model``, the sparse model (PyTorch flavour, signature and input
-    example from the first evaluation batch). Returns the logged model's URI."""
+    verdict and, with ``model``, the sparse model (a pyfunc serving ``folder``, the allocate
+    output; see :mod:`fcpts.tracking.model_log`). Returns the logged model's URI."""
     out = Path(eval_dir)
     run.log_dataset(batches, context="evaluation", source=data_source)
     run.log_evaluation(out / "metrics.json", chart=out / CHART_ARTIFACT, report=out / "report.html")
@@ -307,4 +308,8 @@ def log_evaluation(
                 TAG_GATE_REASONS: "; ".join(gate["reasons"])[:5000],
             }
         )
-    return run.log_model(sparse_net, batches[0], task=task) if model else None
+    from ..tracking.model_log import log_model
+
+    if not model:
+        return None
+    return log_model(run, sparse_net, batches[0], task=task, folder=folder)
