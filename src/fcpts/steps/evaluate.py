@@ -14,7 +14,6 @@ samples the two sets share (0 unless the data set holds duplicates).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,14 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__, report, speed
 from ..core import resolve_device
 from ..errors import UserError
-from ..export import sparse_format
-from ..export.folder import COMPRESSED_FILE
 from ..metrics import (
     mean_cosine,
     neighbour_agreement,
@@ -50,9 +46,8 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
-from ..speed_onnx import files_in
 from ..tasks import ClassifierTask, EncoderTask, Task, to_device
-from . import common
+from . import common, measure
 from .common import input_folder, is_remote, move, positive_int, write_json, write_output
 from .progress import batch_progress
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
@@ -222,8 +217,8 @@ def _evaluate(
     )
     sparse_net = move(sparse_net, "cpu")
     move(dense_net, "cpu")
-    size = _sizes(model.model, manifest, Path(sparse))
-    latency = _latency(
+    size = measure.sizes(model.model, manifest, Path(sparse))
+    latency = measure.latency(
         model.model,
         sparse_net,
         task,
@@ -343,63 +338,3 @@ def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> 
             "cosine": {"dense": 1.0, "sparse": mean_cosine(sparse.flatten(1), dense.flatten(1))}
         },
     }
-
-
-def _sizes(dense: nn.Module, manifest: Mapping[str, Any], sparse_dir: Path) -> dict[str, Any]:
-    """The dense safetensors' size and the size of the sparse model file that allocate
-    wrote (its dense weights, or with ``--save compressed`` the bitmask+values file)."""
-    with tempfile.TemporaryDirectory(prefix="fcpts-size-") as tmp:
-        dense_path = Path(tmp) / "dense.safetensors"
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in dense.state_dict().items()}
-        save_file(state, str(dense_path))
-        dense_bytes = dense_path.stat().st_size
-        del state
-    model_file = str(manifest.get("model_file", "model.safetensors"))
-    sparse_bytes = (Path(sparse_dir) / model_file).stat().st_size
-    compressed = model_file.endswith(COMPRESSED_FILE)
-    return {
-        "format": sparse_format.FORMAT_NAME
-        if compressed
-        else str(manifest.get("model_format", "safetensors (dense)")),
-        "format_description": sparse_format.FORMAT_DESCRIPTION
-        if compressed
-        else "the file allocate wrote, pruned weights stored as zeros",
-        "file": model_file,
-        "dense_format": "safetensors (dense)",
-        "dense_bytes": dense_bytes,
-        "sparse_bytes": sparse_bytes,
-        "ratio": dense_bytes / sparse_bytes,
-    }
-
-
-def _latency(
-    dense: nn.Module,
-    sparse: nn.Module,
-    task: Task,
-    batch: Any,
-    settings: tuple[float, tuple[str, ...], int],
-    dev: torch.device,
-    folder: str | os.PathLike,
-    manifest: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Dense and sparse timed side by side per engine (:func:`fcpts.speed.compare`); the
-    headline figures (dense_ms, sparse_ms, ratio) are torch's, or the first engine's."""
-    seconds, engines, repeats = settings
-    result = speed.compare(
-        dense,
-        sparse,
-        batch,
-        engines=engines,
-        repeats=repeats,
-        warmup=1,
-        device=dev.type,
-        seconds=max(0.0, float(seconds)),
-        task=task,
-        onnx_files=files_in(pruned=folder),
-    )
-    if not result["engines"]:
-        raise UserError(
-            f"no speed engine could time the models ({result['skipped']}): choose others "
-            f"with --latency-engines (from {', '.join(speed.ENGINES)})"
-        )
-    return speed.headline(result, str(manifest.get("structure") or "unstructured"))
