@@ -158,11 +158,12 @@ def test_evaluate_reports_the_speed_up_per_engine_and_says_when_slower(tmp_path)
     assert lat["dense_ms"] == lat["engines"]["torch"]["dense_ms"] > 0
     assert lat["speedup_onnxruntime"] == lat["engines"]["onnxruntime"]["ratio"]
     assert lat["batch_size"] == 16 and lat["runs"] == speed.MIN_REPEATS  # budget 0: the minimum
-    # one export: the pruned file is the dense graph with the pruned weights written in (the
-    # exporter folds each BatchNorm into its conv), checked against torch on the batch
+    # no export at all: allocate wrote the pruned model.onnx; the dense file is that graph
+    # with the dense weights written in (the exporter folds each BatchNorm into its conv),
+    # checked against torch on the batch
     assert lat["engines"]["onnxruntime"]["onnx_files"] == {
-        "dense": "exported",
-        "pruned": "the dense graph with these weights",
+        "pruned": "given",
+        "dense": "the pruned graph with these weights",
     }
     # timing noise decides the flag at 50% unstructured; its consequences are fixed
     slower = [e for e, r in lat["engines"].items() if r["ratio"] < 1]
