@@ -14,8 +14,12 @@ relaxes back to its set value after. L_rec compares the masked network with the 
 1[m > t] passes gradients to t through a sigmoid surrogate of width ``ste_width`` KDE
 bandwidths; with ``ste=False`` only L_c moves the thresholds (the official code).
 ``joint=True`` also reconstructs the kept weights, biases and norms at ``weight_lr``
-(cosine-annealed with the threshold learning rate by default).
-The thresholds are initialised from ERK or uniform and finally landed exactly.
+times each parameter's RMS (cosine-annealed with the threshold learning rate by default).
+A fraction ``holdout`` of the calibration batches stays out of learning: the best
+iterate on it is kept, learning stops once it no longer improves, and when nothing beat
+the starting allocation the result is that start (see :mod:`fcpts.alloc.phases`, which
+also runs the optional OBS start). The thresholds are initialised from ERK or uniform
+and finally landed exactly.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class FCPTS(Allocator):
                 "after the thresholds are learned, prune to their allocation by OBS "
                 "(SparseGPT) and reconstruct the weights from there under fixed masks"
             ),
-        ] = True
+        ] = False
         obs_at: Annotated[
             float,
             Opt(
