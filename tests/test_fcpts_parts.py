@@ -13,6 +13,7 @@ from fcpts.alloc.learning import (
     LoopState,
     make_optimizer,
     restore,
+    set_lr,
     snapshot,
     step,
 )
@@ -202,10 +203,29 @@ def _learner(**settings):
 def test_optimizer_groups():
     learner = _learner(joint=False)
     assert [g["lr"] for g in learner.optimizer.param_groups] == [0.05]
-    assert learner.scheduler is not None
-    learner = _learner(weight_lr=1e-3, schedule="constant")
-    assert [g["lr"] for g in learner.optimizer.param_groups] == [0.05, 1e-3]
-    assert learner.scheduler is None
+    # relative steps: each trained parameter's rate is weight_lr times its own RMS
+    learner = _learner(weight_lr=0.1)
+    student = learner.student
+    trained = list(student.weights.values()) + list(student.extra.values())
+    groups = learner.optimizer.param_groups
+    assert len(groups) == 1 + len(trained)
+    rms = [float(p.detach().pow(2).mean().sqrt()) for p in trained]
+    typical = sorted(rms[: len(student.weights)])[len(student.weights) // 2]
+    assert 0.0 in rms  # an all-zero bias takes the typical weight RMS of the model
+    for group, p, r in zip(groups[1:], trained, rms, strict=True):
+        assert group["params"] == [p]
+        assert group["lr"] == pytest.approx(0.1 * (r if r > 0 else typical))
+    learner = _learner(weight_lr=1e-3, weight_step="absolute", schedule="constant")
+    assert {g["lr"] for g in learner.optimizer.param_groups} == {0.05, 1e-3}
+    # the schedule: cosine from each phase's start, constant without one
+    state = LoopState(lam=1.0, phase_start=10)
+    set_lr(learner, state, 15, 10)
+    assert {g["lr"] for g in learner.optimizer.param_groups} == {0.05, 1e-3}
+    cosine = _learner(weight_lr=1e-3, weight_step="absolute")
+    set_lr(cosine, state, 15, 10)
+    assert cosine.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    set_lr(cosine, state, 10, 10)
+    assert cosine.optimizer.param_groups[1]["lr"] == pytest.approx(1e-3)
 
 
 def test_one_step_records_the_start_and_moves_the_thresholds():

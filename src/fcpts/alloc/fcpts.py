@@ -14,8 +14,12 @@ relaxes back to its set value after. L_rec compares the masked network with the 
 1[m > t] passes gradients to t through a sigmoid surrogate of width ``ste_width`` KDE
 bandwidths; with ``ste=False`` only L_c moves the thresholds (the official code).
 ``joint=True`` also reconstructs the kept weights, biases and norms at ``weight_lr``
-(cosine-annealed with the threshold learning rate by default).
-The thresholds are initialised from ERK or uniform and finally landed exactly.
+times each parameter's RMS (cosine-annealed with the threshold learning rate by default).
+A fraction ``holdout`` of the calibration batches stays out of learning: the best
+iterate on it is kept, learning stops once it no longer improves, and when nothing beat
+the starting allocation the result is that start (see :mod:`fcpts.alloc.phases`, which
+also runs the optional OBS start). The thresholds are initialised from ERK or uniform
+and finally landed exactly.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from ..bridge import BRIDGES
 from ..errors import UserError
 from ..settings import Opt, Search
 from ..tasks import to_device
+from . import phases
 from .base import Allocator, Problem, Proposal
-from .learning import Learner, LoopState, make_optimizer, restore, snapshot, step
+from .learning import Learner, LoopState, make_optimizer, restore, set_lr, snapshot, step
 from .reconstruction import block_modules, make_student, teacher_outputs
 from .thresholds import init_thresholds, initial_sparsities
 
@@ -76,11 +81,57 @@ class FCPTS(Allocator):
         weight_lr: Annotated[
             float,
             Opt(
-                "learning rate of the joint reconstruction of kept weights, biases and norms",
-                search=Search(1e-4, 1e-2),
+                "learning rate of the joint reconstruction of kept weights, biases and norms "
+                "(a fraction of each parameter's RMS with --weight-step relative)",
+                search=Search(0.003, 0.1),
                 metavar="X",
             ),
-        ] = 2e-3
+        ] = 0.02
+        weight_step: Annotated[
+            Literal["relative", "absolute"],
+            Opt(
+                "weight_lr relative to each parameter's RMS (safe on any model), or the same "
+                "absolute step for every parameter"
+            ),
+        ] = "relative"
+        holdout: Annotated[
+            float,
+            Opt(
+                "fraction of the calibration batches held out of learning to pick the best "
+                "iterate and stop early (0: evaluate on the training batches)",
+                metavar="X",
+            ),
+        ] = 0.125
+        eval_every: Annotated[int, Opt("iterations between held-out evaluations", metavar="N")] = 10
+        patience: Annotated[
+            int,
+            Opt(
+                "held-out evaluations without improvement before a phase stops (0: never)",
+                metavar="N",
+            ),
+        ] = 4
+        obs_start: Annotated[
+            bool,
+            Opt(
+                "after the thresholds are learned, prune to their allocation by OBS "
+                "(SparseGPT) and reconstruct the weights from there under fixed masks"
+            ),
+        ] = False
+        obs_at: Annotated[
+            float,
+            Opt(
+                "fraction of the iterations that learn the thresholds before the OBS start",
+                metavar="X",
+            ),
+        ] = 0.5
+        obs_blocks: Annotated[
+            tuple[str, ...],
+            Opt(
+                "module-name patterns whose layers share one OBS calibration pass (empty: "
+                "one pass per layer)",
+                metavar="PATTERN",
+            ),
+        ] = ()
         joint: Annotated[
             bool,
             Opt(
@@ -159,6 +210,20 @@ class FCPTS(Allocator):
             need(self.lr > 0, f"lr must be > 0 (threshold learning rate, e.g. 0.05), got {self.lr}")
             need(self.weight_lr >= 0, f"weight_lr must be >= 0, got {self.weight_lr}")
             need(
+                self.weight_step in ("relative", "absolute"),
+                f"weight_step must be 'relative' or 'absolute', got {self.weight_step!r}",
+            )
+            need(0 <= self.holdout < 1, f"holdout must be in [0, 1), got {self.holdout}")
+            need(
+                int(self.eval_every) == self.eval_every and self.eval_every >= 1,
+                f"eval_every must be an integer >= 1, got {self.eval_every}",
+            )
+            need(
+                int(self.patience) == self.patience and self.patience >= 0,
+                f"patience must be an integer >= 0, got {self.patience}",
+            )
+            need(0 < self.obs_at <= 1, f"obs_at must be in (0, 1], got {self.obs_at}")
+            need(
                 self.ste_width > 0,
                 f"ste_width must be > 0 (in KDE bandwidths), got {self.ste_width}",
             )
@@ -181,6 +246,8 @@ class FCPTS(Allocator):
                 "learn_thresholds=False with joint=False leaves nothing to learn: use method erk or uniform",
             )
             object.__setattr__(self, "blocks", tuple(self.blocks))
+            blocks = (self.obs_blocks,) if isinstance(self.obs_blocks, str) else self.obs_blocks
+            object.__setattr__(self, "obs_blocks", tuple(blocks))
 
     def propose(self, problem: Problem) -> Proposal:
         cfg = self.config
@@ -201,6 +268,8 @@ class FCPTS(Allocator):
             if saved is not None:
                 start = saved.iteration
                 state = restore(learner, saved, problem.device)
+        if start == 0:
+            phases.begin(learner, state)
         bar = tqdm(
             range(start, cfg.iters),
             desc=f"fcpts {problem.target:.0%}",
@@ -210,7 +279,16 @@ class FCPTS(Allocator):
             total=cfg.iters,
         )
         for it in bar:
+            extra = phases.next_phase(problem, learner, state, it)
+            if state.stopped or it - state.phase_start >= phases.phase_length(cfg, state.phase):
+                break
+            length = phases.phase_length(cfg, state.phase)
+            set_lr(learner, state, it, length)
             record = step(learner, state, it)
+            record.update(extra)
+            done = it + 1 - state.phase_start
+            if done % cfg.eval_every == 0 or done == length:
+                record.update(phases.evaluate(learner, state))
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", sparsity=f"{record['global_sparsity']:.4f}"
             )
@@ -218,7 +296,12 @@ class FCPTS(Allocator):
                 problem.callback(it, record)
             if checkpointer is not None and checkpointer.due(it + 1, cfg.iters):
                 checkpointer.save(fingerprint, snapshot(learner, state, it + 1, problem.device))
-        return self._proposal(problem, learner, state)
+        bar.close()
+        proposal = phases.proposal(problem, learner, state)
+        if checkpointer is not None and start < cfg.iters and len(state.history) < cfg.iters:
+            # stopped early: the final state is the finished run (a resume runs nothing)
+            checkpointer.save(fingerprint, snapshot(learner, state, cfg.iters, problem.device))
+        return proposal
 
     def _learner(self, problem: Problem) -> Learner:
         """Thresholds at their initial allocation, the teacher's outputs, the student and
@@ -240,8 +323,11 @@ class FCPTS(Allocator):
         teacher = problem.model.to(device).eval()
         student = make_student(teacher, problem.layers, cfg.joint and cfg.weight_lr > 0)
         optimizer, scheduler = make_optimizer(thresholds.theta, student, cfg)
-        batches = [to_device(b, device) for b in problem.batches]
-        return Learner(
+        train, held = phases.split_batches(
+            [to_device(b, device) for b in problem.batches], cfg.holdout
+        )
+        modules = block_modules(teacher, cfg.blocks)
+        learner = Learner(
             cfg=cfg,
             target=problem.target,
             total=problem.total,
@@ -250,29 +336,16 @@ class FCPTS(Allocator):
             scores=[problem.scores[layer.name].to(device) for layer in learn],
             student=student,
             task=problem.task,
-            batches=batches,
-            teacher=teacher_outputs(
-                teacher, problem.task, batches, block_modules(teacher, cfg.blocks)
-            ),
+            batches=train,
+            teacher=teacher_outputs(teacher, problem.task, train, modules),
             blocks=block_modules(student.model, cfg.blocks),
             optimizer=optimizer,
             scheduler=scheduler,
+            held=held,
+            held_teacher=teacher_outputs(teacher, problem.task, held, modules),
+            start_theta=thresholds.theta.detach().clone(),
         )
-
-    def _proposal(self, problem: Problem, learner: Learner, state: LoopState) -> Proposal:
-        """The learned thresholds (keep-dense layers: 0) and, with joint reconstruction,
-        the reconstructed weights and parameters."""
-        cfg = self.config
-        thresholds = learner.thresholds.final()
-        for layer in problem.layers:
-            if layer.keep_dense:
-                thresholds[layer.name] = 0.0
-        proposal = Proposal(thresholds=thresholds, history=state.history)
-        if cfg.joint and cfg.weight_lr > 0:
-            student = learner.student
-            proposal.weights = {n: w.detach().clone() for n, w in student.weights.items()}
-            proposal.params = {n: p.detach().clone() for n, p in student.extra.items()}
-        return proposal
+        return learner
 
     def _fingerprint(self, problem: Problem) -> dict[str, str]:
         """What a resumed run must share with the run that wrote the checkpoint."""

@@ -3,11 +3,17 @@
 A step masks the student's learned layers at the current thresholds, computes the
 bridged global sparsity and the loss on one calibration batch, and takes one Adam step on
 the thetas (and, with joint reconstruction, the kept weights, biases and norms); the
-thetas are then clamped to their bounds and lam adapted.
+thetas are then clamped to their bounds and lam adapted. Under fixed masks (the
+second phase after an OBS start) only the weights learn and the constraint is idle.
+
+Learning rates: the thetas use ``lr``; every weight, bias and norm its own
+``weight_lr`` times that parameter's RMS (``weight_step="relative"``), so the step is
+the same fraction of each layer's scale on any model. Each phase anneals from its start.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +33,7 @@ from .objective import (
     total_loss,
 )
 from .reconstruction import Student, captured
-from .thresholds import Thresholds, layer_mask
+from .thresholds import THETA_LIMIT, Thresholds, layer_mask
 
 
 @dataclass
@@ -37,6 +43,13 @@ class LoopState:
     lam: float
     rec_scale: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    phase: int = 1  # 1: thresholds (and weights); 2: weights under fixed (OBS) masks
+    phase_start: int = 0  # iteration the current phase began at
+    start_loss: float | None = None  # held-out loss of the allocation's own starting point
+    best_loss: float | None = None  # held-out loss of the best iterate of this phase
+    stale: int = 0  # evaluations since that best
+    stopped: bool = False  # this phase stopped early (held-out loss no longer improves)
+    phase1_loss: float | None = None  # held-out loss of phase 1's best iterate
 
 
 @dataclass
@@ -58,24 +71,111 @@ class Learner:
     blocks: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
+    held: Sequence[Any] = ()  # held-out calibration batches (early stopping, best iterate)
+    held_teacher: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]] = ()
+    fixed: list[torch.Tensor] | None = None  # keep-masks of the learned layers (phase 2)
+    best: dict[str, torch.Tensor] = field(default_factory=dict)  # the best iterate's tensors
+    start_theta: torch.Tensor | None = None  # the initial thresholds (the fallback)
+    phase1: dict[str, torch.Tensor] = field(default_factory=dict)  # phase 1's best iterate
+
+
+def param_scale(p: torch.Tensor, fallback: float = 1.0) -> float:
+    """The RMS of ``p`` (``fallback`` for an all-zero parameter)."""
+    rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+    return rms if rms > 0 and math.isfinite(rms) else fallback
 
 
 def make_optimizer(
     theta: torch.Tensor, student: Student, cfg: Any
 ) -> tuple[torch.optim.Optimizer, Any]:
     """Adam over the thetas at ``lr`` (when learned) and the student's trained weights at
-    ``weight_lr`` (with joint reconstruction), cosine-annealed over ``iters`` by default."""
-    groups = [{"params": [theta], "lr": cfg.lr}] if cfg.learn_thresholds else []
+    ``weight_lr`` (with joint reconstruction; relative to each parameter's RMS unless
+    ``weight_step`` is absolute). The schedule is applied by :func:`set_lr` (no scheduler)."""
+    groups = [{"params": [theta], "lr": cfg.lr, "base_lr": cfg.lr}] if cfg.learn_thresholds else []
     if cfg.joint and cfg.weight_lr > 0:
         params = list(student.weights.values()) + list(student.extra.values())
-        groups.append({"params": params, "lr": cfg.weight_lr})
-    optimizer = torch.optim.Adam(groups)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.iters))
-        if cfg.schedule == "cosine"
-        else None
+        relative = cfg.weight_step == "relative"
+        scales = [param_scale(p) for p in student.weights.values()]
+        typical = sorted(scales)[len(scales) // 2] if scales else 1.0
+        for p in params:
+            lr = cfg.weight_lr * (param_scale(p, typical) if relative else 1.0)
+            groups.append({"params": [p], "lr": lr, "base_lr": lr})
+    return torch.optim.Adam(groups), None
+
+
+def set_lr(learner: Learner, state: LoopState, iteration: int, length: int) -> None:
+    """Every group's learning rate at ``iteration``: its base rate, cosine-annealed from the
+    start of the current phase over ``length`` iterations (constant without a schedule)."""
+    factor = 1.0
+    if learner.cfg.schedule == "cosine":
+        pos = min(max(0, iteration - state.phase_start), max(1, length))
+        factor = 0.5 * (1.0 + math.cos(math.pi * pos / max(1, length)))
+    for group in learner.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+@torch.no_grad()
+def projected_theta(learner: Learner, steps: int = 60) -> torch.Tensor:
+    """The thetas shifted by one shared offset (within their bounds) so that the exact
+    global sparsity is the target's: held-out iterates are compared at the target."""
+    th = learner.thresholds
+
+    def shifted(delta: float) -> torch.Tensor:
+        return torch.maximum(torch.minimum(th.theta + delta, th.hi), th.lo)
+
+    def sparsity(delta: float) -> float:
+        t = torch.exp(shifted(delta)) * th.ref
+        return float(global_sparsity(t, th.dists, th.numels, learner.total))
+
+    lo, hi = -4 * THETA_LIMIT, 4 * THETA_LIMIT
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if sparsity(mid) < learner.target:
+            lo = mid
+        else:
+            hi = mid
+    return shifted(
+        hi if abs(sparsity(hi) - learner.target) <= abs(sparsity(lo) - learner.target) else lo
     )
-    return optimizer, scheduler
+
+
+def current_masks(
+    learner: Learner, straight_through: bool, theta: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The learned layers' keep-masks now: the fixed ones, or those of the thresholds
+    (of ``theta`` when given)."""
+    if learner.fixed is not None:
+        return learner.fixed
+    th = learner.thresholds
+    t = th.values() if theta is None else torch.exp(theta) * th.ref
+    return [
+        layer_mask(m, t[j], th.widths[j], straight_through) for j, m in enumerate(learner.scores)
+    ]
+
+
+@torch.no_grad()
+def held_loss(learner: Learner, theta: torch.Tensor | None = None) -> float:
+    """The mean reconstruction loss on the held-out calibration batches, hard masks (at
+    the thresholds of ``theta`` when given)."""
+    overrides = learner.student.masked(learner.learn, current_masks(learner, False, theta))
+    total = 0.0
+    for batch, (teacher_target, teacher_blocks) in zip(
+        learner.held, learner.held_teacher, strict=True
+    ):
+        with captured(learner.blocks, {}) as blocks:
+            raw = learner.task.run(learner.student.model, batch, overrides)
+        loss = reconstruction_loss(
+            learner.task,
+            raw,
+            batch,
+            teacher_target,
+            blocks,
+            teacher_blocks,
+            learner.cfg.output_weight,
+            learner.cfg.block_weight,
+        )
+        total += float(loss)
+    return total / max(1, len(learner.held))
 
 
 def step(learner: Learner, state: LoopState, iteration: int) -> dict[str, float]:
@@ -84,12 +184,12 @@ def step(learner: Learner, state: LoopState, iteration: int) -> dict[str, float]
     cfg, th = learner.cfg, learner.thresholds
     i = iteration % len(learner.batches)
     batch = learner.batches[i]
-    t = th.values()
     straight_through = cfg.ste and cfg.learn_thresholds
-    masks = [
-        layer_mask(m, t[j], th.widths[j], straight_through) for j, m in enumerate(learner.scores)
-    ]
-    sparsity = global_sparsity(t, th.dists, th.numels, learner.total)
+    masks = current_masks(learner, straight_through)
+    if learner.fixed is None:
+        sparsity = global_sparsity(th.values(), th.dists, th.numels, learner.total)
+    else:
+        sparsity = torch.tensor(learner.target)
     gap = sparsity - learner.target
     l_c = constraint_loss(gap, cfg.constraint)
 
@@ -113,10 +213,8 @@ def step(learner: Learner, state: LoopState, iteration: int) -> dict[str, float]
     learner.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     learner.optimizer.step()
-    if learner.scheduler is not None:
-        learner.scheduler.step()
     th.clamp_()
-    if cfg.lam_adapt:
+    if cfg.lam_adapt and learner.fixed is None:
         state.lam = next_lam(state.lam, gap.item(), cfg.lam, cfg.tolerance)
     record = {
         "lam": state.lam,
@@ -140,8 +238,19 @@ def checkpoint_state(learner: Learner, state: LoopState, device: torch.device) -
         "lam": state.lam,
         "rec_scale": state.rec_scale,
         "history": state.history,
+        "loop": {
+            "phase": state.phase,
+            "phase_start": state.phase_start,
+            "start_loss": state.start_loss,
+            "best_loss": state.best_loss,
+            "stale": state.stale,
+            "stopped": state.stopped,
+            "phase1_loss": state.phase1_loss,
+        },
+        "phase1": {k: v.detach() for k, v in learner.phase1.items()},
+        "best": {k: v.detach() for k, v in learner.best.items()},
+        "fixed": [m.detach().bool() for m in learner.fixed] if learner.fixed is not None else None,
         "optimizer": learner.optimizer.state_dict(),
-        "scheduler": learner.scheduler.state_dict() if learner.scheduler is not None else None,
         "rng": ckpt.rng_state(device),
     }
 
@@ -162,8 +271,12 @@ def restore(learner: Learner, saved: ckpt.Snapshot, device: torch.device) -> Loo
         for name, tensor in trained.items():
             tensor.copy_(saved.tensors[name])
     state = saved.state
+    if state.get("fixed") is not None:
+        dtype = learner.scores[0].dtype
+        learner.fixed = [m.to(device, dtype) for m in state["fixed"]]
+    learner.best = {k: v.to(device).clone() for k, v in state.get("best", {}).items()}
+    learner.phase1 = {k: v.to(device).clone() for k, v in state.get("phase1", {}).items()}
     learner.optimizer.load_state_dict(state["optimizer"])
-    if learner.scheduler is not None:
-        learner.scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"], device)
-    return LoopState(state["lam"], state["rec_scale"], list(state["history"]))
+    loop = dict(state.get("loop", {}))
+    return LoopState(state["lam"], state["rec_scale"], list(state["history"]), **loop)

@@ -134,34 +134,7 @@ class SparseGPT(Allocator):
         counts = self._counts(problem)
         cfg = self.config
         options = {"damp": cfg.damp, "blocksize": int(cfg.blocksize), "nm": _parse_nm(cfg.nm)}
-        model = copy.deepcopy(problem.model).to(problem.device).eval()
-        batches = [to_device(b, problem.device) for b in problem.batches]
-        todo = [layer for layer in problem.layers if counts[layer.name] > 0]
-        calls = _calls_per_batch(model, todo, batches[0], problem.task)
-        masks, weights = {}, {}
-        bar = tqdm(
-            total=len(todo),
-            desc=f"sparsegpt {problem.target:.0%}",
-            disable=not problem.progress,
-            leave=False,
-        )
-        for group in _passes(model, todo, cfg.blocks):
-            hessians = _hessians(model, group, batches, problem.task, calls)
-            for layer in group:
-                weight = model.get_submodule(layer.name).weight
-                if options["nm"] is not None:
-                    _check_nm(layer, counts[layer.name], options["nm"])
-                with torch.no_grad():
-                    new, keep = obs.prune_weight(
-                        layer, weight, hessians[layer.name], counts[layer.name], **options
-                    )
-                    weight.copy_(new)
-                masks[layer.name] = keep.cpu()
-                weights[layer.name] = new.detach().cpu()
-                bar.update(1)
-        bar.close()
-        for layer in problem.layers:
-            masks.setdefault(layer.name, torch.ones(layer.shape, dtype=torch.bool))
+        masks, weights = prune_in_order(problem, counts, options, cfg.blocks)
         sparsities = {layer.name: counts[layer.name] / layer.numel for layer in problem.layers}
         return Proposal(sparsities=sparsities, masks=masks, weights=weights)
 
@@ -169,7 +142,7 @@ class SparseGPT(Allocator):
         """Exact zeros per layer from the base allocation, landed on round(S* x N)."""
         layers = problem.layers
         existing = landing.zero_counts(problem.weights)
-        k = landing.check_feasible(landing.check_target(problem.target), layers, existing)
+        landing.check_feasible(landing.check_target(problem.target), layers, existing)
         alloc = self.config.allocation
         nm = _parse_nm(self.config.nm)
         if nm is not None:
@@ -194,17 +167,71 @@ class SparseGPT(Allocator):
             proposal = Proposal(sparsities=dict(alloc))
         else:
             proposal = get_allocator(alloc).propose(problem)
-        zeros = {name: w == 0 for name, w in problem.weights.items()}
-        values = {n: v for n, (v, _) in landing.sorted_scores(problem.scores, zeros).items()}
-        if proposal.thresholds is not None:
-            keys = landing.keys_from_thresholds(values, proposal.thresholds)
-        else:
-            keys = landing.keys_from_sparsities(values, proposal.sparsities)
-        counts = landing.land_counts(keys, layers, k, existing)
+        counts = landed_counts(problem, proposal)
         if nm is not None:
             for layer in layers:
                 _check_nm(layer, counts[layer.name], nm)
         return counts
+
+
+def landed_counts(problem: Problem, proposal: Proposal) -> dict[str, int]:
+    """Exact zeros per layer of ``proposal``'s thresholds or sparsities, landed on
+    round(S* x N) over the problem's weights (zeros already there count)."""
+    existing = landing.zero_counts(problem.weights)
+    k = landing.check_feasible(landing.check_target(problem.target), problem.layers, existing)
+    zeros = {name: w == 0 for name, w in problem.weights.items()}
+    values = {n: v for n, (v, _) in landing.sorted_scores(problem.scores, zeros).items()}
+    if proposal.thresholds is not None:
+        keys = landing.keys_from_thresholds(values, proposal.thresholds)
+    else:
+        keys = landing.keys_from_sparsities(values, proposal.sparsities)
+    return landing.land_counts(keys, problem.layers, k, existing)
+
+
+def prune_in_order(
+    problem: Problem,
+    counts: Mapping[str, int],
+    options: Mapping[str, Any],
+    blocks: Sequence[str] = (),
+    batches: Sequence[Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SparseGPT on a copy of ``problem.model``: each layer loses exactly ``counts[name]``
+    weights by OBS, in model order, with the Hessian of its inputs in the already-pruned
+    model over ``batches`` (default: the problem's). Returns keep-masks for every layer
+    and the updated weights of the pruned ones (on the CPU)."""
+    model = copy.deepcopy(problem.model).to(problem.device).eval()
+    batches = [to_device(b, problem.device) for b in (batches or problem.batches)]
+    todo = [layer for layer in problem.layers if counts[layer.name] > 0]
+    masks, weights = {}, {}
+    if todo:
+        calls = _calls_per_batch(model, todo, batches[0], problem.task)
+        groups = _passes(model, todo, blocks)
+    else:
+        groups = []
+    bar = tqdm(
+        total=len(todo),
+        desc=f"sparsegpt {problem.target:.0%}",
+        disable=not problem.progress,
+        leave=False,
+    )
+    for group in groups:
+        hessians = _hessians(model, group, batches, problem.task, calls)
+        for layer in group:
+            weight = model.get_submodule(layer.name).weight
+            if options.get("nm") is not None:
+                _check_nm(layer, counts[layer.name], options["nm"])
+            with torch.no_grad():
+                new, keep = obs.prune_weight(
+                    layer, weight, hessians[layer.name], counts[layer.name], **options
+                )
+                weight.copy_(new)
+            masks[layer.name] = keep.cpu()
+            weights[layer.name] = new.detach().cpu()
+            bar.update(1)
+    bar.close()
+    for layer in problem.layers:
+        masks.setdefault(layer.name, torch.ones(layer.shape, dtype=torch.bool))
+    return masks, weights
 
 
 def _check_nm(layer: LayerSpec, zeros: int, nm: tuple[int, int]) -> None:
