@@ -24,6 +24,7 @@ from .alloc.base import Allocation
 from .digests import sha256_file
 from .errors import UserError
 from .metrics import round_half_up, sparsity_figures, state_zeros  # noqa: F401 (round_half_up re-exported)
+from .structure.saved import rebuild
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -171,7 +172,7 @@ def load_sparse(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a saved sparse model into a copy of ``model`` (same architecture)."""
     state, data = load_state(sparse_dir)
-    sparse = copy.deepcopy(model)
+    sparse = rebuild(model, data)  # a units folder: cut down to its recorded shapes
     try:
         sparse.load_state_dict(state, strict=True)
     except RuntimeError as exc:

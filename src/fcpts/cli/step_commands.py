@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..steps.options import AllocationOptions
 from ..storage import is_s3_uri
 from .common import (
     DEFAULT_TOLERANCE,
@@ -167,6 +168,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+STRUCTURED = ("structure", "budget", "refit")  # AllocationOptions fields passed as they are
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     from .. import report
     from ..steps import allocate, calibrate
@@ -184,6 +188,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "seed": get_option(args, "seed", 0),
         "device": get_option(args, "device", "auto"),
         "recalibrate_bn": bool(args.recalibrate_bn),
+        **{k: get_option(args, k, getattr(AllocationOptions, k)) for k in STRUCTURED},
         "progress_bar": progress_enabled(args),
         "checkpoint_dir": get_option(args, "checkpoint_dir", None),
         "checkpoint_every": get_option(args, "checkpoint_every", 25),
