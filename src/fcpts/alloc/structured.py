@@ -166,8 +166,8 @@ def nm_eligible(layer: LayerSpec, m: int) -> bool:
 
 
 def nm_layers(allocation: Allocation, layers: Sequence[LayerSpec], n: int, m: int) -> list[str]:
-    """The layers that become N:M: highest allocated sparsity first, while that brings the
-    zeros closer to the target's."""
+    """The layers that become N:M: highest allocated sparsity first, each one that brings
+    the zeros closer to the target's (so they land within half a layer's N:M zeros)."""
     by_name = {layer.name: layer for layer in layers}
     want = allocation.target * sum(layer.numel for layer in layers)
     ranked = sorted(
@@ -177,8 +177,8 @@ def nm_layers(allocation: Allocation, layers: Sequence[LayerSpec], n: int, m: in
     chosen, zeros = [], 0.0
     for r in ranked:
         add = r.numel * (1 - n / m)
-        if abs(zeros + add - want) > abs(zeros - want):
-            break
+        if abs(zeros + add - want) >= abs(zeros - want):
+            continue  # overshoots by more than it leaves short: a smaller layer may fit
         chosen.append(r.name)
         zeros += add
     return chosen

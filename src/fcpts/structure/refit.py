@@ -8,7 +8,7 @@ the dense layer's output on the calibration activations:
     min_{W', b'} || X_kept W'^T + b' - (X W^T + b) ||^2 + ridge
 
 with X the consumer's inputs in the dense model, gathered once as the Gram matrix of
-[X, 1] over the calibration batches (float64). Linear layers and non-grouped Conv2d
+[X, 1] over the calibration batches (float32 per batch, summed in float64). Linear layers and non-grouped Conv2d
 (through unfolded patches) are refitted; other consumers are left as they are.
 """
 
@@ -80,8 +80,8 @@ def gram_matrices(
             x = _features(mod, args[0].detach())
             if x is None:
                 return
-            x = torch.cat([x.double(), x.new_ones(x.shape[0], 1, dtype=torch.float64)], 1)
-            g = x.T @ x
+            x = torch.cat([x.float(), x.new_ones(x.shape[0], 1, dtype=torch.float32)], 1)
+            g = (x.T @ x).double()  # float32 per batch, summed in float64
             grams[name] = grams[name] + g if name in grams else g
 
         handles.append(module.register_forward_hook(hook))
