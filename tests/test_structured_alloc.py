@@ -100,6 +100,24 @@ def test_units_land_to_one_unit_and_shrink_equals_masked(budget):
     }
 
 
+@pytest.mark.parametrize("method", ["global", "erk", "owl"])
+def test_every_baseline_allocates_units(method):
+    model = tiny_bert()
+    s = shrink_to(
+        model,
+        0.5,
+        budget="flops",
+        method=method,
+        score="wanda",
+        task=EncoderTask(),
+        batches=_bert_calibration(),
+        device="cpu",
+    )
+    assert s.method == method
+    assert abs(s.allocation.achieved - 0.5) <= s.allocation.granularity / 2 + 1e-12
+    assert s.refitted  # every removed unit's consumer is refitted, whichever the method
+
+
 def test_learned_units_land_and_keep_a_unit_per_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -126,14 +126,16 @@ def unit_layers(
 ) -> UnitLayers:
     """The unit layers of ``units``, each of size (units, what its first unit saves). A
     group that touches a module matching ``exclude`` is not allocated (it stays whole), nor
-    is one whose units cost nothing in the budget; one matching ``keep_dense`` is kept
+    is one that touches no scored layer (outside the selection) or whose units cost nothing
+    in the budget; one matching ``keep_dense`` is kept
     whole. Every other group keeps at least one unit. The cost model stays that of all
     groups: the target is a fraction of its full cost."""
     layers, kept_groups, unit_score = [], [], {}
     for g in units.groups:
         mods = _group_modules(g)
         cost = costs.marginal(costs.counts, g.name)
-        if cost <= 0 or any(matches(n, p) for n in mods for p in exclude):
+        unscored = not mods & set(scores)  # outside the layer selection
+        if cost <= 0 or unscored or any(matches(n, p) for n in mods for p in exclude):
             continue
         dense = any(matches(n, p) for n in mods for p in keep_dense)
         hi = 0.0 if dense else (g.count - 1) / g.count
