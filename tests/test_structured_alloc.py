@@ -118,6 +118,26 @@ def test_every_baseline_allocates_units(method):
     assert s.refitted  # every removed unit's consumer is refitted, whichever the method
 
 
+def test_unit_multiple_keeps_widths_a_multiple_and_lands_to_one_block():
+    model = tiny_bert()
+    s = shrink_to(
+        model,
+        0.45,
+        budget="flops",
+        method="uniform",
+        score="magnitude",
+        task=EncoderTask(),
+        batches=_bert_calibration(),
+        device="cpu",
+        unit_multiple=4,
+    )
+    kept = {name: int(k.sum()) for name, k in s.allocation.keep.items()}
+    # FFN groups (24 neurons) keep a multiple of 4; head groups (4 < 2 x 4) go one by one
+    assert all(kept[f"encoder.layer.{i}.ffn"] % 4 == 0 for i in (0, 1))
+    assert s.model.encoder.layer[0].intermediate.dense.out_features % 4 == 0
+    assert abs(s.allocation.achieved - 0.45) <= s.allocation.granularity / 2 + 1e-12
+
+
 def test_learned_units_land_and_keep_a_unit_per_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))

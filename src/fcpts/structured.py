@@ -145,10 +145,13 @@ def shrink_to(
     input_norms: Mapping[str, torch.Tensor] | None = None,
     device: str | torch.device = "auto",
     refit: bool = True,
+    unit_multiple: int = 1,
     callback: Any = None,
     progress: bool = False,
 ) -> Shrunk:
-    """The smaller dense model that removes ``target`` of the removable units' cost."""
+    """The smaller dense model that removes ``target`` of the removable units' cost;
+    ``unit_multiple`` > 1 keeps each group's width a multiple of it (groups of at least
+    twice as many units)."""
     check_budget(budget)
     if task is None or not batches:
         raise UserError("--structure units needs calibration data (the example input shape)")
@@ -192,7 +195,7 @@ def shrink_to(
         weights={},
         view=UnitView(view.units),
     )
-    allocation = allocate_units(allocator, problem, view.costs)
+    allocation = allocate_units(allocator, problem, view.costs, unit_multiple)
     full = _with_weights(model.cpu(), allocation)
     refitted: list[str] = []
     if refit:

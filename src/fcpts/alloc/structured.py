@@ -99,13 +99,32 @@ class UnitAllocation:
         return self.removed / self.total
 
 
+def _steps(count: int, lo: int, hi: int, multiple: int) -> list[tuple[int, int]]:
+    """(first unit, units) of each removal step of a group: one unit at a time, or with
+    ``multiple`` > 1 whole blocks that leave a multiple of it kept (a group of fewer
+    units than ``multiple`` goes one unit at a time)."""
+    if multiple <= 1 or count < 2 * multiple:
+        return [(r, 1) for r in range(lo, hi)]
+    steps, r = [], lo
+    size = (count - r) % multiple or multiple
+    while r + size <= hi and count - r - size >= multiple:
+        steps.append((r, size))
+        r += size
+        size = multiple
+    return steps
+
+
 def land_units(
-    allocator: Allocator, problem: Problem, proposal: Proposal, costs: CostModel
+    allocator: Allocator,
+    problem: Problem,
+    proposal: Proposal,
+    costs: CostModel,
+    multiple: int = 1,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Keep masks whose removed cost (exact, from ``costs``) lands on ``target x full
-    cost`` to within one unit: units are removed in landing-key order, a unit that would
-    overshoot by more than it leaves short is skipped (later, cheaper ones may still fit).
-    Returns the masks and the removed cost."""
+    cost`` to within one step: units (or blocks of ``multiple`` units) are removed in
+    landing-key order, a step that would overshoot by more than it leaves short is skipped
+    (later, cheaper ones may still fit). Returns the masks and the removed cost."""
     ordered = landing.sorted_scores(problem.scores)
     values = {name: v for name, (v, _) in ordered.items()}
     keys = allocator.keys(proposal, values)
@@ -117,15 +136,21 @@ def land_units(
         lo = math.ceil(layer.min_sparsity * count - 1e-9)
         hi = math.floor(layer.max_sparsity * count + 1e-9)
         kept[layer.name] = count - lo
-        entries += [(float(keys[layer.name][r]), layer.name) for r in range(lo, hi)]
+        for first, size in _steps(count, lo, hi, multiple):
+            entries.append((float(keys[layer.name][first + size - 1]), layer.name, size))
     entries.sort(key=lambda e: e[0])
     removed = costs.full - costs.cost(kept)
-    for _key, name in entries:  # a unit that would overshoot is skipped unless it lands closer
-        unit = costs.marginal(kept, name)
+    skipped: set[str] = set()  # a group whose step was skipped takes no later step
+    for _key, name, size in entries:  # a step that would overshoot is skipped unless closer
+        if name in skipped:
+            continue
+        fewer = dict(kept, **{name: kept[name] - size})
+        unit = costs.cost(kept) - costs.cost(fewer)
         if removed + unit > want and removed + unit - want >= want - removed:
+            skipped.add(name)
             continue
         removed += unit
-        kept[name] -= 1
+        kept = fewer
         if removed >= want:
             break
     keep = {}
@@ -137,8 +162,11 @@ def land_units(
     return keep, removed
 
 
-def allocate_units(allocator: Allocator, problem: Problem, costs: CostModel) -> UnitAllocation:
-    """Propose on the unit layers of ``problem`` and land in whole units."""
+def allocate_units(
+    allocator: Allocator, problem: Problem, costs: CostModel, multiple: int = 1
+) -> UnitAllocation:
+    """Propose on the unit layers of ``problem`` and land in whole units (or blocks of
+    ``multiple``)."""
     if allocator.name == "sparsegpt":
         raise UserError(
             "the sparsegpt method solves for single weights: with --structure units use "
@@ -146,8 +174,8 @@ def allocate_units(allocator: Allocator, problem: Problem, costs: CostModel) -> 
         )
     target = landing.check_target(problem.target)
     proposal = allocator.propose(problem)
-    keep, removed = land_units(allocator, problem, proposal, costs)
-    dearest = max(layer.shape[1] for layer in problem.layers)
+    keep, removed = land_units(allocator, problem, proposal, costs, multiple)
+    dearest = max(layer.shape[1] for layer in problem.layers) * max(1, multiple)
     return UnitAllocation(keep, proposal, target, costs.full, removed, dearest / costs.full)
 
 

@@ -168,7 +168,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-STRUCTURED = ("structure", "budget", "refit")  # AllocationOptions fields passed as they are
+STRUCTURED = (
+    "structure",
+    "budget",
+    "refit",
+    "unit_multiple",
+)  # AllocationOptions fields passed as they are
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:

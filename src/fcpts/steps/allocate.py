@@ -64,6 +64,7 @@ def allocate(
     structure: str = "unstructured",
     budget: str = "params",
     refit: bool = True,
+    unit_multiple: int = 1,
     score: str | None = None,
     settings: Mapping[str, Any] | None = None,
     selection: LayerSelection | Mapping[str, Any] | None = None,
@@ -118,6 +119,7 @@ def allocate(
         structure=structure,
         budget=budget,
         refit=refit,
+        unit_multiple=unit_multiple,
         score=score,
         settings=settings,
         selection=selection,
@@ -182,6 +184,7 @@ def _allocate(
     structure: str,
     budget: str,
     refit: bool,
+    unit_multiple: int,
     score: str | None,
     settings: Mapping[str, Any] | None,
     selection: LayerSelection | Mapping[str, Any] | None,
@@ -236,6 +239,8 @@ def _allocate(
         print(f"[fcpts] resuming from the checkpoint {checkpoint / FILE_NAME}", flush=True)
     torch.manual_seed(int(seed))
     kind, n, m = parse_structure(structure)
+    if int(unit_multiple) < 1:
+        raise UserError(f"--unit-multiple must be >= 1 (e.g. 8), got {unit_multiple}")
     if budget != "params" and kind != "units":
         raise UserError(
             f"--budget {budget} needs --structure units (weights are counted in params)"
@@ -254,7 +259,14 @@ def _allocate(
     )
     structured: dict[str, Any] = {}
     if kind == "units":
-        shrunk = shrink_to(layer_view(model), target, budget=budget, refit=refit, **common)
+        shrunk = shrink_to(
+            layer_view(model),
+            target,
+            budget=budget,
+            refit=refit,
+            unit_multiple=unit_multiple,
+            **common,
+        )
         allocation = shrunk.as_allocation(target)
         structured = {"structure": shrunk.section(), "units": shrunk.manifest_units()}
         sparse = shrunk.model

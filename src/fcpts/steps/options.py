@@ -104,6 +104,14 @@ class AllocationOptions:
             "squares on the calibration activations (the same for every method)"
         ),
     ] = True
+    unit_multiple: Annotated[
+        int,
+        Opt(
+            "with --structure units, keep a multiple of N units in every group of at least 2N "
+            "(widths CPU kernels run fastest at, e.g. 8); lands to one block of N units",
+            metavar="N",
+        ),
+    ] = 1
     recalibrate_bn: Annotated[
         bool,
         Opt("re-estimate BatchNorm statistics of the sparse model on the calibration data"),
