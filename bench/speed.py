@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import tempfile
 import time
@@ -36,6 +37,7 @@ from fcpts.structured import shrink_to, sparsify_nm
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+ROWS = "<!-- speed:rows "
 TITLE = "## Speed: structured allocation, quality vs measured CPU speed-up"
 
 
@@ -243,6 +245,14 @@ def write_section(path: Path, body: str) -> None:
     path.write_text(new)
 
 
+def stored(path: Path) -> list[dict[str, Any]]:
+    """The rows of the last run, from the comment :func:`section` writes."""
+    text = path.read_text() if path.exists() else ""
+    if ROWS not in text:
+        return []
+    return json.loads(text.split(ROWS, 1)[1].split("-->", 1)[0])
+
+
 def section(rows: list[dict[str, Any]], args) -> str:
     return (
         f"Written by `bench/speed.py` (make bench) on {time.strftime('%Y-%m-%d')}; machine: "
@@ -253,6 +263,7 @@ def section(rows: list[dict[str, Any]], args) -> str:
         "iterations, its other settings the defaults. Quality on the evaluation split (MiniLM: "
         "mean cosine to the dense embeddings, 512 sentences; digits: top-1, 300 images).\n\n"
         + table(rows)
+        + f"\n\n{ROWS}{json.dumps(rows)}-->"
     )
 
 
@@ -273,10 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = args.methods.split(",")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cases = args.cases.split(",")
+    kept = [r for r in stored(Path(args.out)) if r["case"] not in cases]  # other cases' rows
     rows = []
-    for case in args.cases.split(","):
+    for case in cases:
         rows += case_rows(case, args)
-        write_section(Path(args.out), section(rows, args))  # after each case: partial results
+        # after each case: partial results; the rows ride along in a comment for reruns
+        write_section(Path(args.out), section(kept + rows, args))
+    rows = kept + rows
     print(table(rows))
     return 0
 
