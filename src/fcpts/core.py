@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import torch
 from torch import nn
 
-from .alloc import Allocation, Problem, get_allocator
+from .alloc import Allocation, Allocator, Problem, get_allocator
 from .alloc.base import Callback
 from .checkpoint import CheckpointConfig, Checkpointer
 from .errors import UserError
@@ -123,6 +123,46 @@ def sparsify(
     run with other inputs is refused (see :mod:`fcpts.checkpoint`). The other methods
     finish in one step and ignore these arguments.
     """
+    allocator, problem = build_problem(
+        model,
+        target,
+        method=method,
+        score=score,
+        task=task,
+        batches=batches,
+        selection=selection,
+        settings=settings,
+        input_norms=input_norms,
+        device=device,
+        callback=callback,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+    allocation = allocator.allocate(problem)
+    allocation.settings = dict(allocation.settings, device=str(problem.device))
+    return allocation
+
+
+def build_problem(
+    model: nn.Module,
+    target: float,
+    method: str = "fcpts",
+    score: str = "auto",
+    task: Task | None = None,
+    batches: Sequence[Any] | None = None,
+    selection: LayerSelection | None = None,
+    settings: Mapping[str, Any] | None = None,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device = "auto",
+    callback: Callback | None = None,
+    progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 25,
+    resume: bool = False,
+) -> tuple[Allocator, Problem]:
+    """The allocator and the problem :func:`sparsify` solves (arguments as there)."""
     target = check_target(target)
     checkpointer = None
     if checkpoint_dir is not None:
@@ -167,6 +207,4 @@ def sparsify(
         progress=progress,
         checkpoint=checkpointer,
     )
-    allocation = allocator.allocate(problem)
-    allocation.settings = dict(allocation.settings, device=str(dev))
-    return allocation
+    return allocator, problem

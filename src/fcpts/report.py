@@ -79,6 +79,21 @@ def sparsity_line(
     return f"target {target:g}, achieved {achieved:.6f} ({zeros:,} of {prunable:,} prunable weights are zero){tail}"
 
 
+def structure_line(s: Mapping[str, Any]) -> str:
+    """What a structured allocation removed (the manifest's ``structure`` section)."""
+    if s.get("structure") == "units":
+        w = s["whole_model"][s["budget"]]
+        return (
+            f"units, budget {s['budget']}: removed {s['achieved']:.4f} of the removable cost "
+            f"(target {s['target']:g}; one unit is at most {s['granularity']:.4f}); whole model "
+            f"{w['dense']:,} -> {w['shrunk']:,} ({w['dense'] / max(w['shrunk'], 1):.2f}x less)"
+        )
+    return (
+        f"{s['structure']} on {len(s['nm_layers'])} layers, {len(s['dense_layers'])} dense; "
+        f"achieved {s['achieved']:.6f} (target {s['target']:g}, whole layers)"
+    )
+
+
 def layers_line(layers: Sequence[Mapping[str, Any]], k: int = 3, emptiest: bool = False) -> str:
     """The ``k`` densest layers (or with ``emptiest`` the sparsest) and their sparsities."""
     pick = sparsest_layers if emptiest else densest_layers
@@ -294,6 +309,8 @@ def summary(
         how += f", {manifest.get('seconds', 0):.1f} s)"
         rows.append(("model", str(manifest.get("sources", {}).get("model", ""))))
         rows.append(("method", how))
+        if manifest.get("structure"):
+            rows.append(("structure", structure_line(manifest["structure"])))
     if metrics is not None:
         rows.append(
             (

@@ -39,6 +39,7 @@ from .export.folder import (
 from .export.onnx import FILE_NAME as ONNX_FILE
 from .export.onnx import export_onnx
 from .metrics import round_half_up, sparsity_figures, state_zeros  # noqa: F401 (round_half_up re-exported)
+from .structure.saved import rebuild
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
@@ -229,7 +230,7 @@ def load_sparse(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a saved sparse model into a copy of ``model`` (same architecture)."""
     state, data = load_state(sparse_dir)
-    sparse = copy.deepcopy(model)
+    sparse = rebuild(model, data)  # a units folder: cut down to its recorded shapes
     try:
         _load_into(sparse, state)
     except RuntimeError as exc:

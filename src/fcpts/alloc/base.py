@@ -42,6 +42,7 @@ class Problem:
     callback: Callback | None = None
     progress: bool = False
     checkpoint: Any = None  # a fcpts.checkpoint.Checkpointer for iterative methods
+    view: Any = None  # units: a fcpts.alloc.structured.UnitView (layers are unit groups)
 
     @property
     def total(self) -> int:

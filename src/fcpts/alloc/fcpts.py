@@ -321,7 +321,9 @@ class FCPTS(Allocator):
             device=device,
         )
         teacher = problem.model.to(device).eval()
-        student = make_student(teacher, problem.layers, cfg.joint and cfg.weight_lr > 0)
+        student = make_student(
+            teacher, problem.layers, cfg.joint and cfg.weight_lr > 0, problem.view
+        )
         optimizer, scheduler = make_optimizer(thresholds.theta, student, cfg)
         train, held = phases.split_batches(
             [to_device(b, device) for b in problem.batches], cfg.holdout

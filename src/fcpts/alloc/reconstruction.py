@@ -71,6 +71,7 @@ class Student:
     model: nn.Module
     weights: dict[str, nn.Parameter]
     extra: dict[str, nn.Parameter]
+    view: Any = None  # units: the UnitView whose masks cover ``weights`` (by param name)
 
     def trained(self) -> dict[str, torch.Tensor]:
         """Every parameter that learning changes, under its checkpoint name."""
@@ -80,23 +81,31 @@ class Student:
         self, learn: Sequence[LayerSpec], masks: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The masked weights of the learned layers, as parameter overrides for the task."""
+        if self.view is not None:
+            return self.view.overrides(self.weights, learn, masks)
         return {
             layer.param_name: self.weights[layer.name] * mask
             for layer, mask in zip(learn, masks, strict=True)
         }
 
 
-def make_student(teacher: nn.Module, layers: Sequence[LayerSpec], reconstruct: bool) -> Student:
+def make_student(
+    teacher: nn.Module, layers: Sequence[LayerSpec], reconstruct: bool, view: Any = None
+) -> Student:
     """A frozen copy of ``teacher``; with ``reconstruct`` its learned layers' weights and
-    every bias and 1-d parameter (norms) outside the keep-dense layers train."""
+    every bias and 1-d parameter (norms) outside the keep-dense layers train. With a
+    ``view`` (units) the learned weights are the parameters the units own a slice of."""
     model = copy.deepcopy(teacher).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     learn = [layer for layer in layers if not layer.keep_dense]
-    weights = {layer.name: model.get_submodule(layer.name).weight for layer in learn}
+    if view is not None:
+        weights = view.params(model)
+    else:
+        weights = {layer.name: model.get_submodule(layer.name).weight for layer in learn}
     extra: dict[str, nn.Parameter] = {}
     if reconstruct:
-        learn_names = {layer.param_name for layer in learn}
+        learn_names = set(weights) if view is not None else {layer.param_name for layer in learn}
         dense_names = {layer.param_name for layer in layers if layer.keep_dense}
         for name, p in model.named_parameters():
             if name in dense_names:
@@ -105,4 +114,4 @@ def make_student(teacher: nn.Module, layers: Sequence[LayerSpec], reconstruct: b
                 p.requires_grad_(True)
                 if name not in learn_names:
                     extra[name] = p
-    return Student(model, weights, extra)
+    return Student(model, weights, extra, view)

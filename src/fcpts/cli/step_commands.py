@@ -182,6 +182,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+STRUCTURED = (
+    "structure",
+    "budget",
+    "refit",
+    "unit_multiple",
+)  # AllocationOptions fields passed as they are
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     from .. import report
     from ..steps import allocate, calibrate
@@ -201,6 +209,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "recalibrate_bn": bool(args.recalibrate_bn),
         "save": get_option(args, "save", "dense"),
         "progress": progress_from_args(args),
+        **{k: get_option(args, k, getattr(AllocationOptions, k)) for k in STRUCTURED},
         "checkpoint_dir": get_option(args, "checkpoint_dir", None),
         "checkpoint_every": get_option(args, "checkpoint_every", 25),
         "resume": bool(get_option(args, "resume", False)),

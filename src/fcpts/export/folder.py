@@ -49,6 +49,10 @@ class SourceFormat:
 
     folder: Path | None = None  # the source's folder (a Hugging Face or sentence-transformers one)
     tokenizer: Any = None
+    # units removed: the shapes no longer match the source's config (per-layer widths), so
+    # the weights are written as a state_dict (fcpts rebuilds the shapes from the manifest;
+    # model.onnx runs it without fcpts) and the tokenizer beside them
+    reshaped: bool = False
 
 
 def kind(model: nn.Module) -> str:
@@ -106,6 +110,10 @@ def write_folder(
     source = source or SourceFormat()
     found = kind(model)
     base = out
+    if found == "huggingface" and source.reshaped:
+        found = "module"
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(str(base))
     if found == "huggingface":
         transformer = st_transformer_path(source.folder)
         if transformer is not None:

@@ -24,6 +24,7 @@ import torch
 
 from ..alloc import Allocation, get_allocator
 from ..alloc.base import Callback
+from ..alloc.structured import parse_structure
 from ..checkpoint import FILE_NAME
 from ..core import LayerSelection, sparsify
 from ..errors import UserError
@@ -32,6 +33,7 @@ from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
 from ..sparse_model import apply_allocation, manifest, save_sparse
+from ..structured import shrink_to, sparsify_nm
 from ..tasks import to_device
 from .calibrate import Calibration, load_calibration
 from .common import (
@@ -64,6 +66,10 @@ def allocate(
     *,
     target: float,
     method: str = "fcpts",
+    structure: str = "unstructured",
+    budget: str = "params",
+    refit: bool = True,
+    unit_multiple: int = 1,
     score: str | None = None,
     settings: Mapping[str, Any] | None = None,
     selection: LayerSelection | Mapping[str, Any] | None = None,
@@ -102,6 +108,10 @@ def allocate(
     ``checkpoint_dir`` (default :func:`~fcpts.steps.common.checkpoint_folder`: ``<out>.checkpoint``
     next to a local output); ``resume=True`` continues from the checkpoint there (none:
     starts afresh). The checkpoint is deleted once the output is written.
+
+    ``structure`` ``units`` writes the smaller dense model (``budget``: what ``target`` is
+    a fraction of; ``refit``: least-squares refit of the removed units' consumers), ``N:M``
+    N:M masks (see :mod:`fcpts.structured`); neither checkpoints.
     """
     start = time.perf_counter()
     if save not in ("dense", "compressed"):
@@ -117,6 +127,10 @@ def allocate(
         resume=resume,
         target=target,
         method=method,
+        structure=structure,
+        budget=budget,
+        refit=refit,
+        unit_multiple=unit_multiple,
         score=score,
         settings=settings,
         selection=selection,
@@ -179,6 +193,10 @@ def _allocate(
     resume: bool,
     target: float,
     method: str,
+    structure: str,
+    budget: str,
+    refit: bool,
+    unit_multiple: int,
     score: str | None,
     settings: Mapping[str, Any] | None,
     selection: LayerSelection | Mapping[str, Any] | None,
@@ -234,9 +252,14 @@ def _allocate(
     if resume and method == "fcpts" and (checkpoint / FILE_NAME).is_file():
         print(f"[fcpts] resuming from the checkpoint {checkpoint / FILE_NAME}", flush=True)
     torch.manual_seed(int(seed))
-    allocation = sparsify(
-        layer_view(model),
-        target,
+    kind, n, m = parse_structure(structure)
+    if int(unit_multiple) < 1:
+        raise UserError(f"--unit-multiple must be >= 1 (e.g. 8), got {unit_multiple}")
+    if budget != "params" and kind != "units":
+        raise UserError(
+            f"--budget {budget} needs --structure units (weights are counted in params)"
+        )
+    common = dict(
         method=method,
         score=score,
         task=task,
@@ -247,13 +270,36 @@ def _allocate(
         device=device,
         callback=callback,
         progress=mode == "bar",
-        checkpoint_dir=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
     )
+    structured: dict[str, Any] = {}
+    if kind == "units":
+        shrunk = shrink_to(
+            layer_view(model),
+            target,
+            budget=budget,
+            refit=refit,
+            unit_multiple=unit_multiple,
+            **common,
+        )
+        allocation = shrunk.as_allocation(target)
+        structured = {"structure": shrunk.section(), "units": shrunk.manifest_units()}
+        sparse = shrunk.model
+    elif kind == "nm":
+        allocation, chosen = sparsify_nm(layer_view(model), target, n, m, **common)
+        structured = {"structure": _nm_section(structure, allocation, chosen)}
+    else:
+        allocation = sparsify(
+            layer_view(model),
+            target,
+            checkpoint_dir=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            **common,
+        )
     shown.close()
     move(model.model, "cpu")
-    sparse = _apply(model, allocation)
+    if kind != "units":
+        sparse = _apply(model, allocation)
     recalibrated = 0
     if recalibrate_bn:
         recalibrated = recalibrate_batchnorm(sparse, task, cal.batches)
@@ -277,6 +323,7 @@ def _allocate(
         "iterations": len(allocation.history),
         "history": _thin(allocation.history),
         "step_seconds": None,
+        **structured,
     }
     if tracking is not None:
         extra[RECORD_KEY] = tracking.record()
@@ -286,7 +333,9 @@ def _allocate(
         sparse,
         data,
         out_dir,
-        source=SourceFormat(folder=model.folder, tokenizer=model.tokenizer),
+        source=SourceFormat(
+            folder=model.folder, tokenizer=model.tokenizer, reshaped=kind == "units"
+        ),
         compressed=save == "compressed",
         example=task.split(to_device(cal.batches[0], "cpu")),
     )
@@ -307,6 +356,16 @@ def _apply(model: ResolvedModel, allocation: Allocation):
             weight = params[f"{layer.name}.weight"]
             weight.masked_fill_(~allocation.masks[layer.name].to(weight.device), 0)
     return sparse
+
+
+def _nm_section(structure: str, allocation: Allocation, chosen: list[str]) -> dict[str, Any]:
+    return {
+        "structure": structure,
+        "target": allocation.target,
+        "achieved": allocation.achieved,
+        "nm_layers": chosen,
+        "dense_layers": [r.name for r in allocation.layers if r.name not in set(chosen)],
+    }
 
 
 def _progress_callback(shown: Progress, inner: Callback | None) -> Callback:

@@ -79,6 +79,39 @@ class AllocationOptions:
         str,
         Opt("allocation method", metavar="NAME"),
     ] = "fcpts"
+    structure: Annotated[
+        str,
+        Opt(
+            "what is removed: unstructured (single weights), N:M such as 2:4 (at most N "
+            "nonzeros in every M consecutive input weights; a layer is N:M or dense), or units "
+            "(whole attention heads, FFN neurons, CNN output channels: the output is a "
+            "smaller dense model)",
+            metavar="unstructured|N:M|units",
+        ),
+    ] = "unstructured"
+    budget: Annotated[
+        Literal["params", "flops", "bytes"],
+        Opt(
+            "what the target is a fraction of with --structure units: params, flops "
+            "(multiply-accumulates per sample at the calibration input shape) or bytes (the "
+            "written file); landed to one unit"
+        ),
+    ] = "params"
+    refit: Annotated[
+        bool,
+        Opt(
+            "with --structure units, refit every layer that reads a removed unit by least "
+            "squares on the calibration activations (the same for every method)"
+        ),
+    ] = True
+    unit_multiple: Annotated[
+        int,
+        Opt(
+            "with --structure units, keep a multiple of N units in every group of at least 2N "
+            "(widths CPU kernels run fastest at, e.g. 8); lands to one block of N units",
+            metavar="N",
+        ),
+    ] = 1
     recalibrate_bn: Annotated[
         bool,
         Opt("re-estimate BatchNorm statistics of the sparse model on the calibration data"),

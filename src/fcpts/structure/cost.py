@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .budget import CostModel, cost_model
+from .groups import UnitMap
 from .units import UnitGroup, unit_slice_numel
 
 BUDGETS = ("params", "flops", "bytes")
@@ -154,3 +156,35 @@ def unit_cost(model: nn.Module, group: UnitGroup, budget: str, prof: Profile | N
     if budget == "flops" and group.attention is not None:
         total += 2 * prof.attention.get(group.attention, 0) * group.head_size
     return total
+
+
+def units_cost_model(
+    model: nn.Module, units: UnitMap, budget: str, prof: Profile | None = None
+) -> CostModel:
+    """The exact cost, under ``budget``, of the tensors ``units`` slice, for any number of
+    kept units per group (``flops`` needs the ``Profile`` of a forward pass)."""
+    check_budget(budget)
+    if budget == "flops" and prof is None:
+        raise ValueError("units_cost_model(budget='flops') needs a profile of a forward pass")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    buffers = set(dict(model.named_buffers()))
+    shapes, per_element = {}, {}
+    for g in units.groups:
+        for m in g.members:
+            t = tensors[m.tensor]
+            shapes[m.tensor] = tuple(t.shape)
+            if budget == "params":
+                per_element[m.tensor] = 0 if m.tensor in buffers else 1
+            elif budget == "bytes":
+                per_element[m.tensor] = t.element_size()
+            else:
+                weight = m.leaf == "weight" and m.tensor not in buffers
+                per_element[m.tensor] = prof.positions.get(m.module, 0) if weight else 0
+    attention = {}
+    if budget == "flops":
+        attention = {
+            g.name: 2 * prof.attention.get(g.attention, 0) * g.head_size
+            for g in units.groups
+            if g.attention is not None
+        }
+    return cost_model(units, shapes, per_element, attention)

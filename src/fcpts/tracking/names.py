@@ -19,6 +19,8 @@ RUN_PARAM_NAMES = (
     "target",
     "allocator",
     "score",
+    "structure",
+    "budget",
     "seed",
     "calibration_samples",
     "model_source",

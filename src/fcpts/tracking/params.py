@@ -52,10 +52,13 @@ def pipeline_params(
     settings = manifest.get("settings") or {}
     sources = manifest.get("sources") or {}
     calibration = manifest.get("calibration") or {}
+    structured = manifest.get("structure") or {}
     values = {
         "target": manifest.get("target"),
         "allocator": manifest.get("method"),
         "score": manifest.get("score"),
+        "structure": structured.get("structure", "unstructured"),
+        "budget": structured.get("budget", "params"),
         **param_values(manifest.get("method"), settings),
         "seed": settings.get("seed", manifest.get("seed")),
         "calibration_samples": calibration_samples
