@@ -28,7 +28,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py
+	$(PY) bench/speed.py
 	$(PY) bench/peers/run_peers.py --results bench/RESULTS.md
 
 docs: $(STAMP)
