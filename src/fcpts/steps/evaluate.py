@@ -29,6 +29,7 @@ from torch import nn
 from .. import __version__, report
 from ..core import resolve_device
 from ..errors import UserError
+from ..lm_metrics import lm_quality
 from ..metrics import (
     mean_cosine,
     neighbour_agreement,
@@ -50,7 +51,7 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
-from ..tasks import ClassifierTask, EncoderTask, Task, to_device
+from ..tasks import CausalLMTask, ClassifierTask, EncoderTask, Task, to_device
 from . import sparse_format
 from .common import input_folder, is_remote, move, positive_int, progress, write_json, write_output
 from .tracked import RECORD_KEY, Tracking, failure_recorded, finish_step, log_evaluation
@@ -275,6 +276,8 @@ def _outputs(
 
 
 def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> dict[str, Any]:
+    if isinstance(task, CausalLMTask):
+        return lm_quality(dense, sparse, batches)
     if isinstance(task, EncoderTask):
         return {
             "metric": "cosine",
