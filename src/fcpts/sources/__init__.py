@@ -37,8 +37,8 @@ The task (``--task``, :mod:`.task_choice`) is given or inferred, with the reason
 from __future__ import annotations
 
 from .data import DataSource, sample_digests, split_indices
-from .lm_text import resolve_data
 from .files import local_path
+from .lm_text import resolve_data
 from .models import (
     ResolvedModel,
     load_weights,
