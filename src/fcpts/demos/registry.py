@@ -6,11 +6,11 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 from ..errors import UserError
-from . import digits, minilm
+from . import digits, gpt2, minilm
 from .base import Demo
 
 DEMOS: MappingProxyType[str, Callable[[], Demo]] = MappingProxyType(
-    {"minilm": minilm.load, "digits-cnn": digits.load}
+    {"minilm": minilm.load, "digits-cnn": digits.load, "gpt2-tiny": gpt2.load}
 )
 
 

@@ -21,11 +21,12 @@ from torch import nn
 
 from ..core import LayerSelection
 from ..demos import load_demo
+from ..demos.gpt2 import load_causal_lm
 from ..demos.minilm import load_encoder
 from ..digests import tensors_sha256
 from ..errors import UserError
 from ..tasks import EncoderTask
-from .causal_lm import CAUSAL_SELECTION, causal_architecture, load_causal_lm
+from .causal_lm import CAUSAL_SELECTION, causal_architecture
 from .files import first_line, local_path, read_safetensors, torch_load
 from .spec import DEMO_PREFIX
 
