@@ -174,3 +174,34 @@ def test_sigkill_mid_run_resumes_to_the_same_result(llama4, tmp_path):
     assert a["layers"] == b["layers"] and a["exact"]
     ta, tb = _tensors(killed), _tensors(whole)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_the_lean_straight_through_mask_has_layer_masks_gradient():
+    from fcpts.alloc.thresholds import layer_mask
+    from fcpts.blockwise.learn import masked_weight
+
+    torch.manual_seed(0)
+    w, m = torch.randn(5, 7), torch.rand(5, 7)
+    t1 = torch.tensor(0.4, requires_grad=True)
+    t2 = torch.tensor(0.4, requires_grad=True)
+    g = torch.randn(5, 7)
+    (masked_weight(t1, w, m, 0.1) * g).sum().backward()
+    (w * layer_mask(m, t2, 0.1, True) * g).sum().backward()
+    torch.testing.assert_close(t1.grad, t2.grad)
+    torch.testing.assert_close(masked_weight(t1, w, m, 0.1), w * (m > 0.4))
+
+
+def test_block_counts_are_exact_and_follow_the_shared_offset():
+    from fcpts.blockwise.learn import block_counts
+    from fcpts.landing import keys_from_thresholds, land_counts, sorted_scores
+    from fcpts.layers import LayerSpec
+
+    torch.manual_seed(1)
+    scores = {"a": torch.rand(30, 10), "b": torch.rand(20, 20) * 3}
+    layers = [LayerSpec("a", "linear", (30, 10)), LayerSpec("b", "linear", (20, 20))]
+    thresholds = {"a": 0.3, "b": 2.0}
+    values = {n: v for n, (v, _) in sorted_scores(scores).items()}
+    for zeros in (0, 1, 250, 333, 700):
+        got = block_counts(layers, scores, thresholds, zeros)
+        assert sum(got.values()) == zeros
+        assert got == land_counts(keys_from_thresholds(values, thresholds), layers, zeros)

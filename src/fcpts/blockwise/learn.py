@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import landing, obs
+from .. import obs
 from ..alloc.objective import constraint_loss, global_sparsity, next_lam, total_loss
-from ..alloc.thresholds import init_thresholds, layer_mask
+from ..alloc.thresholds import init_thresholds
 from ..layers import LayerSpec
 from ..tasks import relative_mse
 from .decoder import run_block
@@ -47,6 +47,30 @@ class BlockwiseConfig:
     blocksize: int = 128  # OBS lazy-update columns
     memory_mb: int = 256  # calibration activations kept in memory; beyond: spilled to disk
     seed: int = 0
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """w * 1[m > t] forward; backward to t that of w * sigmoid((m - t) / width), the
+    straight-through estimator of :func:`fcpts.alloc.thresholds.layer_mask`, recomputed
+    in the backward pass so that no weight-sized tensor is kept besides the output."""
+
+    @staticmethod
+    def forward(ctx, t, weight, scores, width):
+        ctx.save_for_backward(t, weight, scores)
+        ctx.width = width
+        return weight * (scores > t).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, weight, scores = ctx.saved_tensors
+        sig = torch.sigmoid((scores - t) / ctx.width)
+        dsig = sig.mul_(1 - sig).div_(ctx.width)  # d sigmoid / d m; d / d t is its negative
+        return -(grad * weight * dsig).sum(), None, None, None
+
+
+def masked_weight(t: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, width: float):
+    """The weight masked at threshold ``t`` with a straight-through gradient to ``t``."""
+    return _MaskedWeight.apply(t, weight, scores, width)
 
 
 @dataclass
@@ -127,9 +151,9 @@ def learn_thresholds(
     for it in range(cfg.iters):
         i = it % len(inputs)
         t = th.values()
-        masks = [layer_mask(m, t[j], th.widths[j], True) for j, m in enumerate(flat)]
         overrides = {
-            f"{layer.name}.weight": weights[layer.name] * masks[j] for j, layer in enumerate(layers)
+            f"{layer.name}.weight": masked_weight(t[j], weights[layer.name], flat[j], th.widths[j])
+            for j, layer in enumerate(layers)
         }
         args, kwargs = extras[i]
         out = run_block(block, inputs[i], args, kwargs, overrides)
@@ -155,12 +179,41 @@ def block_counts(
     thresholds: dict[str, float],
     zeros: int,
 ) -> dict[str, int]:
-    """Exactly ``zeros`` zeros over the block's layers: its learned thresholds moved by one
-    shared offset (the whole-model landing, :mod:`fcpts.landing`, on one block)."""
-    ordered = landing.sorted_scores(scores)
-    values = {name: v for name, (v, _) in ordered.items()}
-    keys = landing.keys_from_thresholds(values, thresholds)
-    return landing.land_counts(keys, layers, zeros)
+    """Exactly ``zeros`` zeros over the block's layers: the ``zeros`` smallest keys
+    m / t_l - 1 (the whole-model landing of :mod:`fcpts.landing`: one shared offset c of
+    the learned thresholds), found by bisection on c over each layer's sorted scores
+    instead of one concatenation of every key; ties at the final offset go to the layers
+    in order."""
+    ordered = {n: torch.sort(s.reshape(-1).double()).values for n, s in scores.items()}
+
+    def below(c: float, strict: bool) -> dict[str, int]:
+        return {
+            layer.name: int(
+                torch.searchsorted(
+                    ordered[layer.name],
+                    torch.tensor([thresholds[layer.name] * (1.0 + c)], dtype=torch.float64),
+                    right=not strict,
+                )
+            )
+            for layer in layers
+        }
+
+    lo, hi = -1.0, 1.0
+    while sum(below(hi, False).values()) < zeros:
+        hi = 2 * hi + 1
+    for _ in range(200):  # the smallest c whose count reaches ``zeros``
+        mid = 0.5 * (lo + hi)
+        if sum(below(mid, False).values()) >= zeros:
+            hi = mid
+        else:
+            lo = mid
+    counts, upto = below(hi, True), below(hi, False)
+    short = zeros - sum(counts.values())
+    for layer in layers:
+        take = min(short, upto[layer.name] - counts[layer.name])
+        counts[layer.name] += take
+        short -= take
+    return counts
 
 
 def learned_zeros(scores: dict[str, torch.Tensor], thresholds: dict[str, float]) -> int:
@@ -179,7 +232,6 @@ def prune_block(
 ) -> None:
     """Zero ``counts[name]`` weights of each layer in place: the OBS sweep (SparseGPT) on
     the block's input Hessians, or the lowest-scored weights with ``reconstruct="none"``."""
-    ordered = landing.sorted_scores(scores)
     for layer in layers:
         weight = block.get_submodule(layer.name).weight
         if cfg.reconstruct == "obs" and counts[layer.name] > 0:
@@ -189,7 +241,5 @@ def prune_block(
             )
             weight.copy_(new)
             continue
-        mask = landing.masks_from_counts(
-            {layer.name: ordered[layer.name][1]}, counts, {layer.name: layer.shape}
-        )[layer.name]
-        weight.mul_(mask.to(weight.dtype))
+        order = torch.sort(scores[layer.name].reshape(-1), stable=True).indices
+        weight.view(-1)[order[: counts[layer.name]]] = 0
