@@ -106,7 +106,7 @@ def main() -> int:
         f"Written by `bench/decoder.py` on {time.strftime('%Y-%m-%d')}; machine: {machine()} (shared, timings noisy).",
         f"demo:gpt2-tiny (GPT-2 architecture, 4 blocks of width 128, trained here on stdlib prose); "
         f"{sum(b['input_ids'].numel() for b in calib)} calibration tokens, {sum(b['input_ids'].numel() for b in held)} "
-        f"held-out tokens; dense perplexity {dense_ppl:.2f}. Cells: perplexity / top-1 agreement / KL to dense / CPU s; "
+        f"held-out tokens; dense perplexity {dense_ppl:.2f}. Cells: perplexity / top-1 agreement / KL to dense / wall s; "
         "every row exact to the weight unless marked.",
         "",
         "| method | " + " | ".join(f"{t}" for t in targets) + " |",
