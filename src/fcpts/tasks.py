@@ -78,13 +78,7 @@ class ClassifierTask(Task):
         self.temperature = temperature
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
-        t = self.temperature
-        return F.kl_div(
-            F.log_softmax(student / t, dim=-1),
-            F.log_softmax(teacher / t, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        ) * (t * t)
+        return kl_at_temperature(student, teacher, self.temperature)
 
 
 class EncoderTask(Task):
@@ -123,6 +117,60 @@ class EncoderTask(Task):
             return self.output(raw, batch)
         hidden = self._hidden(raw)
         return hidden[batch["attention_mask"].bool()]
+
+    def batch_size(self, batch: Any) -> int:
+        return int(batch["input_ids"].shape[0])
+
+
+def kl_at_temperature(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) of softmax distributions at temperature ``t``, averaged over
+    the rows (every axis but the last), scaled by t^2 (Hinton's distillation loss)."""
+    s = student.reshape(-1, student.shape[-1])
+    q = teacher.reshape(-1, teacher.shape[-1])
+    return F.kl_div(
+        F.log_softmax(s / t, dim=-1),
+        F.log_softmax(q / t, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face ``AutoModelForCausalLM`` model (GPT-2, Llama, Qwen2, Mistral, Phi...)."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name == "GPT2LMHeadModel"
+
+
+class CausalLMTask(Task):
+    """A Hugging Face decoder on fixed-length token blocks (``input_ids``,
+    ``attention_mask``).
+
+    The output is the next-token logits ``(batch, length, vocab)``; evaluation turns them
+    into held-out perplexity, top-1 agreement and KL against the dense model
+    (:mod:`fcpts.lm_metrics`). The reconstruction target is the logits of every real
+    token, compared by KL(teacher || student) at ``temperature``; block outputs add to it
+    where the method's ``blocks`` setting names them.
+    """
+
+    kind = "causal-lm"
+    metric = "perplexity"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def split(self, batch: Any) -> tuple[tuple, dict]:
+        return (), {k: v for k, v in dict(batch).items() if k in ("input_ids", "attention_mask")}
+
+    def output(self, raw: Any, batch: Any) -> torch.Tensor:
+        return raw.logits if hasattr(raw, "logits") else raw[0]
+
+    def target(self, raw: Any, batch: Any) -> torch.Tensor:
+        logits = self.output(raw, batch)
+        mask = batch.get("attention_mask")
+        return logits[mask.bool()] if mask is not None else logits.reshape(-1, logits.shape[-1])
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+        return kl_at_temperature(student, teacher, self.temperature)
 
     def batch_size(self, batch: Any) -> int:
         return int(batch["input_ids"].shape[0])

@@ -6,11 +6,16 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 from ..errors import UserError
-from . import digits, effnet_lite, minilm
+from . import digits, effnet_lite, gpt2, minilm
 from .base import Demo
 
 DEMOS: MappingProxyType[str, Callable[[], Demo]] = MappingProxyType(
-    {"minilm": minilm.load, "digits-cnn": digits.load, "effnet-lite0": effnet_lite.load}
+    {
+        "minilm": minilm.load,
+        "digits-cnn": digits.load,
+        "effnet-lite0": effnet_lite.load,
+        "gpt2-tiny": gpt2.load,
+    }
 )
 
 

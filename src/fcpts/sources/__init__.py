@@ -17,7 +17,9 @@ Model sources (``--model``, :mod:`.models`):
 
 Data sources (``--data``, :mod:`.data`):
 
-* a text file, one sentence per line (needs a model with a tokenizer);
+* a text file, one sentence per line (needs a model with a tokenizer); for a Hugging
+  Face decoder the file is tokenised whole and cut into fixed-length token blocks
+  (:mod:`.lm_text`);
 * a folder of images in ImageFolder layout (``root/<class>/<image>``), labels from the
   sorted class folder names;
 * tensors: ``.safetensors`` or ``.npz`` with key ``x`` (optional ``y`` labels), ``.npy``
@@ -34,8 +36,9 @@ The task (``--task``, :mod:`.task_choice`) is given or inferred, with the reason
 
 from __future__ import annotations
 
-from .data import resolve_data, sample_digests
+from .data import sample_digests
 from .files import local_path
+from .lm_text import resolve_data
 from .models import (
     ResolvedModel,
     load_weights,

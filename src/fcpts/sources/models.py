@@ -17,10 +17,12 @@ from torch import nn
 
 from ..core import LayerSelection
 from ..demos import load_demo
+from ..demos.gpt2 import load_causal_lm
 from ..demos.minilm import load_encoder
 from ..digests import tensors_sha256
 from ..errors import UserError
 from ..tasks import EncoderTask
+from .causal_lm import CAUSAL_SELECTION, causal_architecture
 from .files import first_line, import_callable, local_path, read_safetensors, torch_load
 from .spec import DEMO_PREFIX
 
@@ -156,8 +158,9 @@ def _huggingface_dir(path: Path) -> Path:
 
 def _load_huggingface(path: Path, source: str) -> ResolvedModel:
     folder = _huggingface_dir(path)
+    causal = causal_architecture(folder) is not None
     try:
-        model, tokenizer = load_encoder(folder)
+        model, tokenizer = load_causal_lm(folder) if causal else load_encoder(folder)
     except UserError:
         raise
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError on bad folders
@@ -169,6 +172,10 @@ def _load_huggingface(path: Path, source: str) -> ResolvedModel:
         LayerSelection(exclude=("pooler.*",)) if "pooler.dense" in names else LayerSelection()
     )
     defaults = dict(GENERIC_DEFAULTS, calibration_batch_size=16)
+    if causal:  # token blocks of a decoder: fewer, larger samples
+        selection = CAUSAL_SELECTION
+        defaults = dict(defaults, calibration_samples=64, calibration_batch_size=8)
+        defaults.update(evaluation_samples=64, evaluation_batch_size=8)
     return ResolvedModel(
         source=source,
         kind="huggingface",

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..settings import Opt
 
 DEMO_PREFIX = "demo:"
-TASKS = ("auto", "classifier", "encoder", "regression")
+TASKS = ("auto", "causal-lm", "classifier", "encoder", "regression")
 IMAGE_MODES = ("RGB", "L")
 SPLITS = ("calibration", "validation", "evaluation")
 DATA_FIELDS = ("data", *(f"{split}_data" for split in SPLITS))  # the fields naming data
@@ -76,11 +76,13 @@ class Sources:
         ),
     ] = None
     task: Annotated[
-        Literal["auto", "classifier", "encoder", "regression"],
+        Literal["auto", "causal-lm", "classifier", "encoder", "regression"],
         Opt(
-            "how to run and compare the model: classifier (top-1), encoder (embedding cosine "
+            "how to run and compare the model: causal-lm (perplexity, top-1 agreement and KL "
+            "of next-token predictions), classifier (top-1), encoder (embedding cosine "
             "and nearest-neighbour agreement), regression (relative MSE of outputs); auto picks "
-            "from the source: the demo's task, encoder for Hugging Face folders, classifier when "
+            "from the source: the demo's task, causal-lm for Hugging Face decoders, encoder for "
+            "other Hugging Face folders, classifier when "
             "the data has labels or the model returns (batch, classes) scores, else regression"
         ),
     ] = "auto"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..tasks import ClassifierTask, EncoderTask, Task, to_device
+from ..tasks import CausalLMTask, ClassifierTask, EncoderTask, Task, is_causal_lm, to_device
 from .files import first_line
 from .models import ResolvedModel
 from .spec import TASKS
@@ -39,6 +39,8 @@ class TaskChoice:
 
 
 def make_task(kind: str) -> Task:
+    if kind == "causal-lm":
+        return CausalLMTask()
     if kind == "classifier":
         return ClassifierTask()
     if kind == "encoder":
@@ -49,6 +51,8 @@ def make_task(kind: str) -> Task:
 
 
 def task_kind(task: Task) -> str:
+    if isinstance(task, CausalLMTask):
+        return "causal-lm"
     if isinstance(task, EncoderTask):
         return "encoder"
     if isinstance(task, ClassifierTask):
@@ -60,6 +64,10 @@ def choose_task(kind: str, model: ResolvedModel, data: DataSource) -> TaskChoice
     """The task for ``kind`` and why (see the module's docstring for ``auto``)."""
     if kind != "auto":
         task = make_task(kind)
+        if isinstance(task, CausalLMTask) and data.kind not in ("lm-text", "demo"):
+            raise UserError(
+                "--task causal-lm needs text data: give a text file and a Hugging Face decoder"
+            )
         if isinstance(task, EncoderTask) and data.kind not in ("text", "demo"):
             raise UserError(
                 "--task encoder needs tokenized text data: give a text file and a Hugging Face model"
@@ -67,6 +75,10 @@ def choose_task(kind: str, model: ResolvedModel, data: DataSource) -> TaskChoice
         return TaskChoice(task, f"given: --task {kind}")
     if model.demo is not None:
         return TaskChoice(model.demo.task, f"inferred: the task of the demo {model.source}")
+    if model.kind == "huggingface" and is_causal_lm(model.model):
+        return TaskChoice(
+            CausalLMTask(), "inferred: a Hugging Face decoder gives next-token predictions"
+        )
     if model.kind == "huggingface":
         return TaskChoice(
             EncoderTask(), "inferred: a Hugging Face model gives mean-pooled embeddings"

@@ -26,6 +26,7 @@ from torch import nn
 from .. import __version__, report, speed
 from ..core import resolve_device
 from ..errors import UserError
+from ..lm_metrics import lm_quality
 from ..metrics import (
     mean_cosine,
     neighbour_agreement,
@@ -46,7 +47,7 @@ from ..sources import (
     task_kind,
 )
 from ..sparse_model import load_sparse, read_manifest
-from ..tasks import ClassifierTask, EncoderTask, Task, to_device
+from ..tasks import CausalLMTask, ClassifierTask, EncoderTask, Task, to_device
 from . import common, measure
 from .common import input_folder, is_remote, move, positive_int, write_json, write_output
 from .progress import batch_progress
@@ -293,6 +294,8 @@ def _outputs(net: nn.Module, task: Task, batches, dev, mode: str, what: str) -> 
 
 
 def _quality(task: Task, dense: torch.Tensor, sparse: torch.Tensor, batches) -> dict[str, Any]:
+    if isinstance(task, CausalLMTask):
+        return lm_quality(dense, sparse, batches)
     if isinstance(task, EncoderTask):
         return {
             "metric": "cosine",
