@@ -28,6 +28,7 @@ def option_groups() -> list[tuple[str, type]]:
         ("approval gate", o.GateOptions),
         ("registry", o.RegistryOptions),
         ("tracking", o.TrackingOptions),
+        ("cluster (compile, submit)", o.ClusterOptions),
         ("general", o.RunOptions),
     ]
 
