@@ -48,7 +48,7 @@ def test_pipeline_by_steps_on_s3(aws_env, tmp_path):
     # every output is complete in S3: its index lists each file with its sha256
     for name, files in (
         ("calibration", {"calibration.json", "calibration.safetensors"}),
-        ("sparse", {"manifest.json", "model.safetensors"}),
+        ("sparse", {"manifest.json", "model.safetensors", "model.onnx"}),
         ("evaluation", {"metrics.json", "report.md", "report.html", "allocation.png"}),
         ("decision", {"decision.json"}),
     ):

@@ -35,9 +35,13 @@ def registration_rows(reg: Mapping[str, Any]) -> list[tuple[str, str]]:
         ]
     where = mlflow_page(uri, f"models/{quote(str(name), safe='')}/versions/{version}")
     role = "champion" if reg.get("champion") else reg.get("decision")
+    created = "a new version" if reg.get("created") else "registered before, none added"
     return [
         ("mlflow run", run),
-        ("registered", f"{name} version {version}, {role}: {where or reg.get('model_uri')}"),
+        (
+            "registered",
+            f"{name} version {version} ({created}), {role}: {where or reg.get('model_uri')}",
+        ),
         ("why", str(reg.get("reason", ""))),
     ]
 

@@ -99,7 +99,7 @@ def resolve_data(
 ) -> DataSource:
     """:func:`fcpts.sources.data.resolve_data`, except that a text file given with a
     Hugging Face decoder becomes token blocks split in thirds (see the module's docstring)."""
-    if not (model.kind == "huggingface" and is_causal_lm(model.model)):
+    if model is None or not (model.kind == "huggingface" and is_causal_lm(model.model)):
         return resolve_any_data(sources, model, primary)
     own = [name for name in SPLITS if sources.split_source(name)[0] != "--data"]
     if own:
