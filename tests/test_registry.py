@@ -451,6 +451,7 @@ def test_summary_links_the_run_and_version_and_says_how_to_reproduce():
         "name": "minilm fcpts",
         "version": "2",
         "champion": True,
+        "created": True,
         "decision": "champion",
         "reason": "first champion",
         "model_uri": "models:/minilm fcpts/2",
@@ -459,8 +460,8 @@ def test_summary_links_the_run_and_version_and_says_how_to_reproduce():
     text = report.summary(manifest=manifest, decision=dict(decision, registration=reg))
     assert "http://127.0.0.1:5000/#/runs/abc123" in text
     assert (
-        "minilm fcpts version 2, champion: http://127.0.0.1:5000/#/models/minilm%20fcpts/versions/2"
-        in text
+        "minilm fcpts version 2 (a new version), champion: "
+        "http://127.0.0.1:5000/#/models/minilm%20fcpts/versions/2" in text
     )
     assert cmd in text.splitlines()[-1]
     rows = {line.split()[0]: line for line in text.splitlines()}
