@@ -159,23 +159,27 @@ def held_loss(learner: Learner, theta: torch.Tensor | None = None) -> float:
     the thresholds of ``theta`` when given)."""
     overrides = learner.student.masked(learner.learn, current_masks(learner, False, theta))
     total = 0.0
-    for batch, (teacher_target, teacher_blocks) in zip(
-        learner.held, learner.held_teacher, strict=True
-    ):
-        with captured(learner.blocks, {}) as blocks:
-            raw = learner.task.run(learner.student.model, batch, overrides)
-        loss = reconstruction_loss(
-            learner.task,
-            raw,
-            batch,
-            teacher_target,
-            blocks,
-            teacher_blocks,
-            learner.cfg.output_weight,
-            learner.cfg.block_weight,
-        )
-        total += float(loss)
+    for batch, teacher in zip(learner.held, learner.held_teacher, strict=True):
+        total += float(student_loss(learner, batch, teacher, overrides))
     return total / max(1, len(learner.held))
+
+
+def student_loss(learner: Learner, batch: Any, teacher: tuple, overrides: Any) -> torch.Tensor:
+    """The reconstruction loss of the student (with ``overrides``) on ``batch`` against
+    the teacher's ``(target, blocks)`` for it."""
+    teacher_target, teacher_blocks = teacher
+    with captured(learner.blocks, {}) as blocks:
+        raw = learner.task.run(learner.student.model, batch, overrides)
+    return reconstruction_loss(
+        learner.task,
+        raw,
+        batch,
+        teacher_target,
+        blocks,
+        teacher_blocks,
+        learner.cfg.output_weight,
+        learner.cfg.block_weight,
+    )
 
 
 def step(learner: Learner, state: LoopState, iteration: int) -> dict[str, float]:
@@ -194,19 +198,7 @@ def step(learner: Learner, state: LoopState, iteration: int) -> dict[str, float]
     l_c = constraint_loss(gap, cfg.constraint)
 
     overrides = learner.student.masked(learner.learn, masks)
-    with captured(learner.blocks, {}) as blocks:
-        raw = learner.task.run(learner.student.model, batch, overrides)
-    teacher_target, teacher_blocks = learner.teacher[i]
-    l_rec = reconstruction_loss(
-        learner.task,
-        raw,
-        batch,
-        teacher_target,
-        blocks,
-        teacher_blocks,
-        cfg.output_weight,
-        cfg.block_weight,
-    )
+    l_rec = student_loss(learner, batch, learner.teacher[i], overrides)
     if state.rec_scale is None:
         state.rec_scale = loss_scale(l_rec.item(), cfg.normalize)
     loss = total_loss(l_rec, state.rec_scale, state.lam, l_c)
