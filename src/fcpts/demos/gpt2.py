@@ -118,8 +118,12 @@ def model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     train(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    if folder.exists() and not (folder / "config.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a partial folder of an older version
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: its folder is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
