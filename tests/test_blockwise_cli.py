@@ -8,7 +8,7 @@ import math
 import mlflow
 import pytest
 from conftest import run_fcpts
-from tiny_decoders import build
+from tiny_decoders import build, cli_allocate, cli_evaluate
 from torch import nn
 
 from fcpts.core import LayerSelection
@@ -27,27 +27,7 @@ def llama(tmp_path_factory):
 
 
 def _allocate(folder, text, out, *extra):
-    return run_fcpts(
-        "allocate",
-        "--model",
-        folder,
-        "--data",
-        text,
-        "--target",
-        "0.5",
-        "--iters",
-        "3",
-        "--calibration-samples",
-        "8",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        *extra,
-        timeout=TIMEOUT_S,
-    )
+    return run_fcpts(*cli_allocate(folder, text, out, "--iters", "3", *extra), timeout=TIMEOUT_S)
 
 
 def test_cli_blockwise_is_exact_loadable_evaluated_and_tracked(llama, tmp_path):
@@ -69,23 +49,8 @@ def test_cli_blockwise_is_exact_loadable_evaluated_and_tracked(llama, tmp_path):
     for layer in manifest["layers"]:
         assert int((params[layer["name"] + ".weight"] == 0).sum()) == layer["zeros"]
 
-    r = run_fcpts(
-        "evaluate",
-        "--model",
-        folder,
-        "--data",
-        text,
-        "--sparse",
-        tmp_path / "sparse",
-        "--out",
-        tmp_path / "eval",
-        "--evaluation-samples",
-        "8",
-        "--latency-seconds",
-        "0.05",
-        *tracked,
-        timeout=TIMEOUT_S,
-    )
+    sparse, evaluation = tmp_path / "sparse", tmp_path / "eval"
+    r = run_fcpts(*cli_evaluate(folder, text, sparse, evaluation, *tracked), timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["metric"] == "perplexity" and metrics["exact"]
