@@ -27,9 +27,11 @@ from torch import nn
 from ..alloc import Allocation
 from ..alloc.base import LayerResult
 from ..blockwise import BlockwiseConfig, allocate_blockwise
+from ..blockwise.decoder import Decoder
 from ..core import LayerSelection
 from ..demos.gpt2 import load_causal_lm
 from ..errors import UserError
+from ..layers import find_prunable
 from ..sources import ResolvedModel, layer_view
 from ..sources.causal_lm import causal_architecture
 from .common import selection_to_dict
@@ -146,6 +148,14 @@ def allocate(
     it only to check it)."""
     specs = selection.find(layer_view(model))
     dense = model.model
+    prefix = Decoder(model.folder).prefix + "."
+    blocks = {layer.name for layer in find_prunable(dense) if layer.name.startswith(prefix)}
+    if blocks != {s.name for s in specs}:
+        raise UserError(
+            "--blockwise prunes the linear layers of the decoder blocks, and the layer "
+            f"selection differs ({sorted(blocks ^ {s.name for s in specs})[:3]}): use "
+            "--blockwise off"
+        )
     existing = {s.name: int((dense.get_submodule(s.name).weight == 0).sum()) for s in specs}
     if release:
         model.model = None  # the dense weights are read block by block from now on
@@ -155,12 +165,6 @@ def allocate(
         print(f"[fcpts] resuming block-wise from {work}", flush=True)
     result = allocate_blockwise(model.folder, batches, target, work, cfg, resume=resume)
     zeros = {layer["name"]: layer["zeros"] for layer in result["layers"]}
-    if set(zeros) != {s.name for s in specs}:
-        raise UserError(
-            "the block-wise path prunes the decoder blocks' linear layers only, the layer "
-            f"selection differs ({sorted(set(zeros) ^ {s.name for s in specs})[:3]}): use "
-            "--blockwise off"
-        )
     sparse, _ = load_causal_lm(work)
     layers = [
         LayerResult(s.name, tuple(s.shape), s.numel, zeros[s.name], math.nan, existing[s.name])
