@@ -125,6 +125,21 @@ ROWS = (
         "choose one of erk, fcpts, global, owl,",
     ),
     Row(
+        "blockwise-not-a-decoder",
+        "settings",
+        "block-wise allocation of a model that is not a decoder",
+        "allocate --model demo:digits-cnn --target 0.5 --blockwise on --out {ws}/out",
+        "--blockwise on: it needs a Hugging Face decoder folder",
+    ),
+    Row(
+        "memory-mb-negative",
+        "settings",
+        "a negative block-wise memory bound",
+        "allocate --model demo:digits-cnn --target 0.5 --blockwise auto --memory-mb -1 "
+        "--out {ws}/out",
+        "--memory-mb must be >= 0",
+    ),
+    Row(
         "setting-typo",
         "settings",
         "a misspelt allocator setting",

@@ -205,3 +205,44 @@ def test_block_counts_are_exact_and_follow_the_shared_offset():
         got = block_counts(layers, scores, thresholds, zeros)
         assert sum(got.values()) == zeros
         assert got == land_counts(keys_from_thresholds(values, thresholds), layers, zeros)
+
+
+def test_prune_block_shares_input_hessians_and_matches_the_per_layer_sweep(tmp_path):
+    """q/k/v and gate/up see one input each: one X^T X and one factorisation serve them,
+    and the in-place sweep gives bit for bit what each layer's own OBS prune gives."""
+    from fcpts import obs
+    from fcpts.blockwise.decoder import Decoder
+    from fcpts.blockwise.learn import dense_pass, prune_block
+    from fcpts.layers import find_prunable
+
+    folder = build("llama", tmp_path / "llama", layers=1, hidden=64)
+    _, batches = _calibration(folder, tmp_path / "llama.txt", n=4)
+    decoder = Decoder(folder)
+    shell = decoder.shell()
+    inputs, extras = [], []
+    for batch in batches:
+        hidden, args, kwargs = decoder.block_inputs(shell, batch)
+        inputs.append(hidden)
+        extras.append((args, kwargs))
+    block = decoder.block(0)
+    layers = find_prunable(block)
+    stats = dense_pass(block, layers, inputs, extras, [])
+    source = stats.source
+    assert source["self_attn.k_proj"] == source["self_attn.v_proj"] == "self_attn.q_proj"
+    assert source["mlp.up_proj"] == "mlp.gate_proj"
+    assert len(stats.xtx) == 4 and len(stats.norms()) == len(layers) == 7
+    counts = {layer.name: layer.numel // 2 + i for i, layer in enumerate(layers)}
+    counts["self_attn.k_proj"] = 0
+    want = {}
+    for layer in layers:
+        weight = block.get_submodule(layer.name).weight.detach()
+        key = source[layer.name]
+        if counts[layer.name]:
+            h = obs.hessian(stats.xtx[key], stats.samples[key])
+            weight = obs.prune_weight(layer, weight, h, counts[layer.name])[0]
+        want[layer.name] = weight.clone()
+    cfg = BlockwiseConfig()
+    prune_block(block, layers, {layer.name: None for layer in layers}, counts, stats, cfg)
+    assert "self_attn.q_proj" not in stats.xtx  # used up as it was factorised
+    for layer in layers:
+        assert torch.equal(block.get_submodule(layer.name).weight, want[layer.name])

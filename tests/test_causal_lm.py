@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_fcpts
 from safetensors.torch import load_file
-from tiny_decoders import VOCAB, build
+from tiny_decoders import VOCAB, build, cli_allocate, cli_evaluate
 
 from fcpts import lm_metrics
 from fcpts.sources import Sources, resolve_data, resolve_model
@@ -109,42 +109,10 @@ def test_cli_runs_a_decoder(decoder, tmp_path):
     arch, folder, text = decoder
     if arch != "gpt2":
         pytest.skip("one architecture is enough for the CLI contract")
-    r = run_fcpts(
-        "allocate",
-        "--model",
-        folder,
-        "--data",
-        text,
-        "--target",
-        "0.5",
-        "--iters",
-        "4",
-        "--calibration-samples",
-        "8",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "sparse",
-    )
+    r = run_fcpts(*cli_allocate(folder, text, tmp_path / "sparse", "--iters", "4"))
     assert r.returncode == 0, r.stderr
     assert "achieved 0.5" in r.stdout
-    r = run_fcpts(
-        "evaluate",
-        "--model",
-        folder,
-        "--data",
-        text,
-        "--sparse",
-        tmp_path / "sparse",
-        "--out",
-        tmp_path / "eval",
-        "--evaluation-samples",
-        "8",
-        "--latency-seconds",
-        "0.05",
-    )
+    r = run_fcpts(*cli_evaluate(folder, text, tmp_path / "sparse", tmp_path / "eval"))
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["metric"] == "perplexity" and metrics["exact"]

@@ -106,6 +106,68 @@ def test_prune_layer_two_of_four():
         obs.prune_layer(w, 2 * x @ x.T, 40, nm=(2, 4))
 
 
+def _sparsegpt_reference(w, h, zeros, damp, blocksize):
+    """SparseGPT's Algorithm 1 written plainly, as the implementation stood before its
+    memory was cut (H copied, lambda I added as a matrix, the weight cloned, the mask of
+    held zeros always applied): the lean code must match it bit for bit."""
+    h = h.clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h[dead, dead] = 1
+    lam = damp * float(torch.diagonal(h).mean())
+    chol = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    w, (rows, cols) = w.clone(), w.shape
+    forced = w == 0
+    starts = range(0, cols, blocksize)
+    held = [int(forced[:, i : i + blocksize].sum()) for i in starts]
+    free = [rows * min(blocksize, cols - i) - k for i, k in zip(starts, held, strict=True)]
+    extra = obs.shares(zeros - sum(held), free)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1, count in zip(starts, map(sum, zip(held, extra, strict=True)), strict=True):
+        i2 = min(i1 + blocksize, cols)
+        block, ub = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d = torch.diagonal(ub)
+        sal = (block.pow(2) / d.pow(2).unsqueeze(0)).masked_fill(dead[i1:i2].unsqueeze(0), 0.0)
+        flat = sal.masked_fill(forced[:, i1:i2], -1.0).reshape(-1)
+        prune = torch.zeros(flat.numel(), dtype=torch.bool)
+        prune[torch.topk(flat, count, largest=False).indices] = True
+        prune = prune.reshape(sal.shape)
+        err = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            col = block[:, i]
+            q = torch.where(prune[:, i], torch.zeros_like(col), col)
+            e = (col - q) / d[i]
+            block[:, i:].addr_(e, ub[i, i:], alpha=-1.0)
+            block[:, i], err[:, i] = q, e
+        w[:, i1:i2], keep[:, i1:i2] = block, ~prune
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return w, keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("held", [False, True])
+def test_lean_obs_is_bit_identical_to_the_plain_algorithm(dtype, held):
+    w, x = _tiny(seed=4, rows=12, cols=40, samples=30)
+    w, x = w.to(dtype), x.to(dtype)
+    x[3] = 0  # a dead input
+    if held:
+        w[torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) < 0.1] = 0
+    h = 2 * x @ x.T
+    want_w, want_keep = _sparsegpt_reference(w, h, 250, 0.01, 16)
+    got = [obs.prune_layer(w, h, 250, damp=0.01, blocksize=16)]
+    got.append(obs.prune_layer(w, h.clone(), 250, damp=0.01, blocksize=16, overwrite=True))
+    factor = obs.inverse_cholesky(h.clone(), 0.01, overwrite=True)
+    inplace = w.clone()
+    got.append(obs.prune_factored(inplace, factor, 250, blocksize=16, inplace=True))
+    assert torch.equal(inplace, want_w)
+    for new, keep in got:
+        assert new.dtype == dtype
+        assert torch.equal(new, want_w) and torch.equal(keep, want_keep)
+    assert not torch.equal(w, want_w)  # the input is not changed but with ``inplace``
+
+
 def _modules():
     from transformers.pytorch_utils import Conv1D
 

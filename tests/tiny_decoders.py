@@ -94,3 +94,16 @@ def build(arch: str, folder: Path, *, layers: int = 2, hidden: int = 32, seed: i
     tokenizer(folder, text)
     (folder.parent / f"{folder.name}.txt").write_text(text)
     return folder
+
+
+def cli_allocate(folder: Path, text: Path, out: Path, *extra) -> list:
+    """The arguments of a quick ``fcpts allocate`` at 0.5 of a tiny decoder on the CPU."""
+    quick = "--target 0.5 --device cpu --calibration-samples 8 --batch-size 4".split()
+    return ["allocate", "--model", folder, "--data", text, *quick, "--out", out, *extra]
+
+
+def cli_evaluate(folder: Path, text: Path, sparse: Path, out: Path, *extra) -> list:
+    """The arguments of a quick ``fcpts evaluate`` of ``sparse`` against the tiny decoder."""
+    quick = "--evaluation-samples 8 --latency-seconds 0.05".split()
+    head = ["evaluate", "--model", folder, "--data", text, "--sparse", sparse]
+    return [*head, *quick, "--out", out, *extra]

@@ -112,8 +112,11 @@ def accumulate(acc: torch.Tensor | None, inputs: torch.Tensor) -> tuple[torch.Te
     return (xtx if acc is None else acc + xtx), x.shape[1]
 
 
-def hessian(xtx: torch.Tensor, samples: int) -> torch.Tensor:
-    """H = 2 X X^T / n from an accumulated X^T X over n samples."""
+def hessian(xtx: torch.Tensor, samples: int, *, overwrite: bool = False) -> torch.Tensor:
+    """H = 2 X X^T / n from an accumulated X^T X over n samples; with ``overwrite`` in
+    the memory of ``xtx`` (the same values: doubling is exact, the division the same)."""
+    if overwrite:
+        return xtx.mul_(2.0).div_(max(1, samples))
     return 2.0 * xtx / max(1, samples)
 
 
@@ -141,27 +144,38 @@ def shares(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_cholesky(
+    h: torch.Tensor, damp: float, *, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + lambda I)^-1 with dead columns decoupled, and the
-    dead columns. lambda = damp x mean diag(H), raised tenfold while factorisation fails."""
+    dead columns. lambda = damp x mean diag(H), raised tenfold while factorisation fails.
+
+    With ``overwrite`` H's memory is used as the work space (H is left changed). At most
+    three matrices of H's size are alive at once: H, the factor and its inverse."""
     if not torch.isfinite(h).all():
         raise UserError(
             "the layer inputs seen during calibration hold NaN or infinite values: "
             "check the calibration data and the model"
         )
-    h = h.clone()
+    if not overwrite:
+        h = h.clone()
     dead = torch.diagonal(h) <= 0
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = 1
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean = float(torch.diagonal(h).mean())
+    diag = torch.diagonal(h)
+    mean = float(diag.mean())  # on the strided view, as it always was: the same sum
+    base = diag.clone()
     lam = damp * mean
+    h.add_(0.0)  # what adding lambda I does off the diagonal (-0 becomes +0)
     for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        diag.copy_(base + torch.tensor(lam, dtype=h.dtype, device=h.device))  # H + lambda I
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, dead
         lam = max(10 * lam, 1e-8 * mean)
@@ -175,17 +189,17 @@ def _saliency(block: torch.Tensor, diag: torch.Tensor, dead: torch.Tensor) -> to
 
 
 def _obs(
-    weight: torch.Tensor,
+    w: torch.Tensor,
     upper: torch.Tensor,
     dead: torch.Tensor,
     blocksize: int,
     choose: Callable[[int, torch.Tensor], torch.Tensor],
     nm: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocked OBS sweep. ``choose(start, saliency)`` gives each block's prune mask
-    (True = prune) from the saliency of its updated weights; with ``nm=(n, m)`` the n
-    least salient of every m columns of a row are chosen as the sweep reaches them."""
-    w = weight.clone()
+    """The blocked OBS sweep, in place on ``w``. ``choose(start, saliency)`` gives each
+    block's prune mask (True = prune) from the saliency of its updated weights; with
+    ``nm=(n, m)`` the n least salient of every m columns of a row are chosen as the sweep
+    reaches them. Returns ``w`` and the keep-mask."""
     cols = w.shape[1]
     prune = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
@@ -217,11 +231,18 @@ def _obs(
         prune[:, i1:i2] = mask
         if i2 < cols:
             w[:, i2:] -= err @ upper[i1:i2, i2:]
-    return w, ~prune
+    return w, prune.logical_not_()
 
 
-def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+def work_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The weight in the working precision: itself with ``inplace`` when it already is,
+    else a copy."""
+    work = weight.to(work_dtype(weight))
+    return work if inplace or work is not weight else work.clone()
 
 
 def reconstruct(
@@ -234,35 +255,21 @@ def reconstruct(
 ) -> torch.Tensor:
     """The OBS update of ``weight`` (rows, cols) for a fixed keep-``mask``: pruned weights
     become zero, the others compensate column by column (SparseGPT's partial updates)."""
-    dtype = _work_dtype(weight)
+    dtype = work_dtype(weight)
     upper, dead = inverse_cholesky(hessian.to(dtype), damp)
     pruned = ~mask.bool().to(weight.device)
 
     def choose(i1: int, saliency: torch.Tensor) -> torch.Tensor:
         return pruned[:, i1 : i1 + saliency.shape[1]].clone()
 
-    new, _ = _obs(weight.to(dtype), upper, dead, max(1, int(blocksize)), choose)
+    new, _ = _obs(_work_copy(weight, False), upper, dead, max(1, int(blocksize)), choose)
     return new.to(weight.dtype)
 
 
-def prune_layer(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    zeros: int,
-    *,
-    damp: float = 0.01,
-    blocksize: int = 128,
-    nm: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune exactly ``zeros`` weights of ``weight`` (rows, cols) and update the rest.
-
-    ``hessian`` is (cols, cols). The count is split over the column blocks in proportion
-    to their width (shares sum exactly to ``zeros``); within a block the weights with the
-    lowest saliency w^2 / [H_F^-1]_cc go (adaptive: rows and columns of a block may differ).
-    With ``nm=(n, m)`` every row loses n of each m consecutive columns instead, and
-    ``zeros`` must be that pattern's count. Returns the new weight (pruned entries exactly
-    0) and the keep-mask.
-    """
+def _checked(
+    weight: torch.Tensor, zeros: int, blocksize: int, nm: tuple[int, int] | None
+) -> tuple[int, int, tuple[int, int] | None]:
+    """The count, block size and n:m pattern of a prune, checked against the weight."""
     rows, cols = weight.shape
     zeros = int(zeros)
     if not 0 <= zeros <= rows * cols:
@@ -280,28 +287,77 @@ def prune_layer(
             )
         nm = (n, m)
         blocksize = max(m, blocksize // m * m)
-    dtype = _work_dtype(weight)
-    upper, dead = inverse_cholesky(hessian.to(dtype), damp)
-    # weights that are zero already are pruned first and count among the zeros; the rest
-    # of the count goes to the blocks in proportion to their free weights
-    forced = weight == 0
-    starts = list(range(0, cols, blocksize))
-    held = [int(forced[:, i : i + blocksize].sum()) for i in starts]
-    if nm is None and sum(held) > zeros:
-        raise ValueError(f"the weight holds {sum(held)} zeros already, more than {zeros}")
-    free = [rows * min(blocksize, cols - i) - h for i, h in zip(starts, held, strict=True)]
-    extra = shares(zeros - sum(held), free) if nm is None else []
-    counts = {i: h + e for i, h, e in zip(starts, held, extra, strict=False)}
+    return zeros, blocksize, nm
 
-    def choose(i1: int, saliency: torch.Tensor) -> torch.Tensor:
-        count = counts[i1]
-        flat = saliency.masked_fill(forced[:, i1 : i1 + saliency.shape[1]], -1.0).reshape(-1)
-        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        if count > 0:
-            mask[torch.topk(flat, count, largest=False).indices] = True
-        return mask.reshape(saliency.shape)
 
-    new, keep = _obs(weight.to(dtype), upper, dead, blocksize, choose, nm)
+def prune_layer(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    zeros: int,
+    *,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    nm: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune exactly ``zeros`` weights of ``weight`` (rows, cols) and update the rest.
+
+    ``hessian`` is (cols, cols); ``overwrite`` lets its memory serve as work space. The
+    count is split over the column blocks in proportion to their width (shares sum exactly
+    to ``zeros``); within a block the weights with the lowest saliency w^2 / [H_F^-1]_cc go
+    (adaptive: rows and columns of a block may differ). With ``nm=(n, m)`` every row loses
+    n of each m consecutive columns instead, and ``zeros`` must be that pattern's count.
+    Returns the new weight (pruned entries exactly 0) and the keep-mask.
+    """
+    _checked(weight, zeros, blocksize, nm)  # before the factorisation, which costs
+    factor = inverse_cholesky(hessian.to(work_dtype(weight)), damp, overwrite=overwrite)
+    return prune_factored(weight, factor, zeros, blocksize=blocksize, nm=nm)
+
+
+def prune_factored(
+    weight: torch.Tensor,
+    factor: tuple[torch.Tensor, torch.Tensor],
+    zeros: int,
+    *,
+    blocksize: int = 128,
+    nm: tuple[int, int] | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_layer` with the Hessian already factorised (``factor`` is what
+    :func:`inverse_cholesky` returns: layers that share their inputs share it). With
+    ``inplace`` a float32/float64 ``weight`` is updated in its own memory."""
+    rows, cols = weight.shape
+    zeros, blocksize, nm = _checked(weight, zeros, blocksize, nm)
+    upper, dead = factor
+    choose = None
+    if nm is None:
+        # weights that are zero already are pruned first and count among the zeros; the
+        # rest of the count goes to the blocks in proportion to their free weights
+        forced = weight == 0
+        starts = list(range(0, cols, blocksize))
+        held = [int(forced[:, i : i + blocksize].sum()) for i in starts]
+        if sum(held) > zeros:
+            raise ValueError(f"the weight holds {sum(held)} zeros already, more than {zeros}")
+        if not any(held):
+            forced = None  # nothing to force: the mask is not kept through the sweep
+        free = [rows * min(blocksize, cols - i) - h for i, h in zip(starts, held, strict=True)]
+        extra = shares(zeros - sum(held), free)
+        counts = {i: h + e for i, h, e in zip(starts, held, extra, strict=True)}
+
+        def choose(i1: int, saliency: torch.Tensor) -> torch.Tensor:
+            count = counts[i1]
+            if forced is not None:
+                saliency = saliency.masked_fill(forced[:, i1 : i1 + saliency.shape[1]], -1.0)
+            flat = saliency.reshape(-1)
+            mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            if count > 0:
+                mask[torch.topk(flat, count, largest=False).indices] = True
+            return mask.reshape(saliency.shape)
+
+    new, keep = _obs(_work_copy(weight, inplace), upper, dead, blocksize, choose, nm)
+    if inplace and new is not weight:
+        weight.copy_(new)
+        new = weight
     return new.to(weight.dtype), keep
 
 
@@ -321,4 +377,6 @@ def prune_weight(
         w, k = prune_layer(mats[g], hessians[g], share(zeros, groups, g, g + 1), **options)
         new.append(w)
         keep.append(k)
+    if groups == 1:  # no copy of the weight and the mask into a stack of one
+        return from_matrix(layer, new[0].unsqueeze(0)), from_matrix(layer, keep[0].unsqueeze(0))
     return from_matrix(layer, torch.stack(new)), from_matrix(layer, torch.stack(keep))

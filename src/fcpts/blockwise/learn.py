@@ -75,14 +75,18 @@ def masked_weight(t: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, w
 
 @dataclass
 class BlockStats:
-    """X^T X of every learned layer's inputs (its Hessian up to 2/n) and the sample count."""
+    """X^T X of the learned layers' inputs (their Hessians up to 2/n) and the sample
+    counts, one per distinct input: layers fed the same tensor (q/k/v, gate/up) share the
+    entry of the first of them, which ``source`` names for every layer."""
 
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)
 
     def norms(self) -> dict[str, torch.Tensor]:
         """Wanda's ||x_j||_2 per input column: the square root of diag(X^T X)."""
-        return {n: torch.diagonal(x[0]).clamp_min(0).sqrt() for n, x in self.xtx.items()}
+        own = {k: torch.diagonal(x[0]).clamp_min(0).sqrt() for k, x in self.xtx.items()}
+        return {name: own[key] for name, key in self.source.items()}
 
 
 @torch.no_grad()
@@ -90,13 +94,20 @@ def dense_pass(
     block: nn.Module, layers: Sequence[LayerSpec], inputs, extras, targets
 ) -> BlockStats:
     """Run the dense block over every input batch: its outputs go to ``targets`` and the
-    layers' input statistics are accumulated."""
+    layers' input statistics are accumulated (once per distinct input tensor)."""
     stats = BlockStats()
+    seen: list[tuple[torch.Tensor, str]] = []  # this batch's inputs and their entries
     handles = []
     for layer in layers:
         module = block.get_submodule(layer.name)
 
         def hook(mod, args, _out, layer=layer):
+            key = next((k for x, k in seen if x is args[0]), None)
+            if stats.source.setdefault(layer.name, key or layer.name) != (key or layer.name):
+                raise RuntimeError(f"the inputs of {layer.name} changed between batches")
+            if key is not None:
+                return
+            seen.append((args[0], layer.name))
             acc, n = obs.accumulate(
                 stats.xtx.get(layer.name), obs.layer_inputs(layer, mod, args[0])
             )
@@ -108,6 +119,7 @@ def dense_pass(
         for i in range(len(inputs)):
             args, kwargs = extras[i]
             targets.append(run_block(block, inputs[i], args, kwargs))
+            seen.clear()
     finally:
         for h in handles:
             h.remove()
@@ -231,15 +243,30 @@ def prune_block(
     cfg: BlockwiseConfig,
 ) -> None:
     """Zero ``counts[name]`` weights of each layer in place: the OBS sweep (SparseGPT) on
-    the block's input Hessians, or the lowest-scored weights with ``reconstruct="none"``."""
-    for layer in layers:
+    the block's input Hessians, or the lowest-scored weights with ``reconstruct="none"``.
+
+    ``scores`` and ``stats`` are used up, to keep the peak memory low: the OBS path needs
+    no scores, and each input's Hessian becomes its inverse factor in its own memory, is
+    factorised once for the layers it feeds (q/k/v, gate/up) and freed after the last."""
+    if cfg.reconstruct != "obs":
+        for layer in layers:
+            order = torch.sort(scores.pop(layer.name).reshape(-1), stable=True).indices
+            block.get_submodule(layer.name).weight.view(-1)[order[: counts[layer.name]]] = 0
+        return
+    scores.clear()
+    todo = [layer for layer in layers if counts[layer.name] > 0]
+    factors = {}
+    for j, layer in enumerate(todo):
         weight = block.get_submodule(layer.name).weight
-        if cfg.reconstruct == "obs" and counts[layer.name] > 0:
-            h = obs.hessian(stats.xtx[layer.name], stats.samples[layer.name])
-            new, _ = obs.prune_weight(
-                layer, weight, h, counts[layer.name], damp=cfg.damp, blocksize=cfg.blocksize
-            )
-            weight.copy_(new)
-            continue
-        order = torch.sort(scores[layer.name].reshape(-1), stable=True).indices
-        weight.view(-1)[order[: counts[layer.name]]] = 0
+        key = stats.source[layer.name]
+        if key not in factors:
+            h = obs.hessian(stats.xtx.pop(key)[0], stats.samples[key], overwrite=True)
+            h = h.to(obs.work_dtype(weight))
+            factors[key] = obs.inverse_cholesky(h, cfg.damp, overwrite=True)
+            del h
+        factor = factors[key]
+        if all(stats.source[later.name] != key for later in todo[j + 1 :]):
+            del factors[key]  # the last layer of this input: freed when it is pruned
+        mat = obs.weight_matrix(layer, weight)[0]
+        obs.prune_factored(mat, factor, counts[layer.name], blocksize=cfg.blocksize, inplace=True)
+        del factor

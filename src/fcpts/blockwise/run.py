@@ -187,7 +187,7 @@ def allocate_blockwise(
             }
             for layer in layers
         ]
-        state["history"].append({"block": b, "goal": goal, "zeros": zeros_b, "steps": history[-1:]})
+        state["history"].append({"block": b, "goal": goal, "zeros": zeros_b, "steps": history})
         state["next_block"] = b + 1
         stream.save(state_dir / "stream")
         _atomic_json(saved, state)

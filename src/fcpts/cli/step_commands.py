@@ -187,6 +187,8 @@ STRUCTURED = (
     "budget",
     "refit",
     "unit_multiple",
+    "blockwise",
+    "memory_mb",
 )  # AllocationOptions fields passed as they are
 
 

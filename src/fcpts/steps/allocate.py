@@ -32,9 +32,10 @@ from ..export.folder import SourceFormat
 from ..metrics import recalibrate_batchnorm
 from ..scores import needs_activations
 from ..sources import ResolvedModel, layer_view, make_task, resolve_model
-from ..sparse_model import apply_allocation, manifest, save_sparse
+from ..sparse_model import apply_allocation, manifest, read_manifest, save_sparse
 from ..structured import shrink_to, sparsify_nm
 from ..tasks import to_device
+from . import blockwise as bw
 from .calibrate import Calibration, load_calibration
 from .common import (
     checkpoint_folder,
@@ -77,6 +78,8 @@ def allocate(
     device: str = "auto",
     recalibrate_bn: bool = False,
     save: str = "dense",
+    blockwise: str = "off",
+    memory_mb: int | None = None,
     progress: str = "auto",
     log_every: int = 0,
     resolved: ResolvedModel | None = None,
@@ -138,6 +141,8 @@ def allocate(
         device=device,
         recalibrate_bn=recalibrate_bn,
         save=save,
+        blockwise=blockwise,
+        memory_mb=memory_mb,
         progress=progress,
         log_every=log_every,
         resolved=resolved,
@@ -168,6 +173,7 @@ def _written(
     )
     result.path = local
     (checkpoint / FILE_NAME).unlink(missing_ok=True)
+    bw.free_work(checkpoint)
     with contextlib.suppress(OSError):
         checkpoint.rmdir()  # only when empty: a --checkpoint-dir may hold other files
     return result
@@ -204,6 +210,8 @@ def _allocate(
     device: str,
     recalibrate_bn: bool,
     save: str,
+    blockwise: str,
+    memory_mb: int | None,
     progress: str,
     log_every: int,
     resolved: ResolvedModel | None,
@@ -248,7 +256,7 @@ def _allocate(
     mode = progress_mode(progress)
     total = getattr(get_allocator(method, **settings).config, "iters", None)
     shown = Progress("allocate", total, "iterations", mode, every=max(0, int(log_every or 0)))
-    callback = _progress_callback(shown, callback)
+    callback = shown.callback(callback)
     if resume and method == "fcpts" and (checkpoint / FILE_NAME).is_file():
         print(f"[fcpts] resuming from the checkpoint {checkpoint / FILE_NAME}", flush=True)
     torch.manual_seed(int(seed))
@@ -272,7 +280,15 @@ def _allocate(
         progress=mode == "bar",
     )
     structured: dict[str, Any] = {}
-    if kind == "units":
+    cfg = bw.picked(
+        blockwise, memory_mb, model, settings, method, structure, save, score, selection
+    )
+    if cfg is not None:
+        allocation, sparse, section = bw.allocate(
+            model, cal.batches, checkpoint, cfg, target, selection, resume, resolved is None
+        )
+        kind, structured = "blockwise", {"blockwise_run": section}
+    elif kind == "units":
         shrunk = shrink_to(
             layer_view(model),
             target,
@@ -297,8 +313,9 @@ def _allocate(
             **common,
         )
     shown.close()
-    move(model.model, "cpu")
-    if kind != "units":
+    if kind != "blockwise":
+        move(model.model, "cpu")
+    if kind not in ("units", "blockwise"):
         sparse = _apply(model, allocation)
     recalibrated = 0
     if recalibrate_bn:
@@ -320,6 +337,7 @@ def _allocate(
             "sample_digests": info["sample_digests"],
         },
         "recalibrated_batchnorm_layers": recalibrated,
+        "blockwise": "on" if kind == "blockwise" else "off",
         "iterations": len(allocation.history),
         "history": _thin(allocation.history),
         "step_seconds": None,
@@ -339,8 +357,6 @@ def _allocate(
         compressed=save == "compressed",
         example=task.split(to_device(cal.batches[0], "cpu")),
     )
-    from ..sparse_model import read_manifest
-
     return Allocated(path=path, manifest=read_manifest(path), allocation=allocation)
 
 
@@ -366,23 +382,6 @@ def _nm_section(structure: str, allocation: Allocation, chosen: list[str]) -> di
         "nm_layers": chosen,
         "dense_layers": [r.name for r in allocation.layers if r.name not in set(chosen)],
     }
-
-
-def _progress_callback(shown: Progress, inner: Callback | None) -> Callback:
-    """``inner`` with each iteration counted in ``shown`` (a bar there is the allocator's)."""
-
-    def callback(iteration: int, record: dict[str, float]) -> None:
-        if shown.mode == "lines":
-            names = (
-                ("loss", "loss"),
-                ("rec_loss", "reconstruction"),
-                ("global_sparsity", "sparsity"),
-            )
-            shown.update(**{shown_as: record[key] for key, shown_as in names if key in record})
-        if inner is not None:
-            inner(iteration, record)
-
-    return callback
 
 
 def _thin(history: list[dict[str, float]]) -> list[dict[str, float]]:

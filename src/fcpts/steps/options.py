@@ -124,6 +124,26 @@ class AllocationOptions:
             "bitmask plus the kept values, which fcpts loads back exactly; no model.onnx)"
         ),
     ] = "dense"
+    blockwise: Annotated[
+        Literal["off", "on", "auto"],
+        Opt(
+            "allocate a Hugging Face decoder block by block (method fcpts, unstructured, "
+            "wanda scores, every linear layer of the blocks): one block learned at a time "
+            "under one global constraint (the target stays exact), calibration activations "
+            "within --memory-mb, a checkpoint per block that --resume continues; auto: "
+            "block-wise where it applies and the whole-model learning (about 5x the model's "
+            "fp32 weights) would exceed --memory-mb"
+        ),
+    ] = "off"
+    memory_mb: Annotated[
+        int | None,
+        Opt(
+            "the block-wise memory bound in MiB: calibration activations kept in memory "
+            "(beyond it they are spilled to disk), and what --blockwise auto compares the "
+            "whole-model learning with (default: fcpts.blockwise.BlockwiseConfig's)",
+            metavar="MIB",
+        ),
+    ] = None
 
 
 @dataclass(frozen=True)

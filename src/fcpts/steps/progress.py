@@ -95,6 +95,25 @@ class Progress:
         if self.mode != "off":
             print(f"[fcpts] {self.step}: {text}", flush=True)
 
+    def callback(
+        self, inner: Callable[[int, dict[str, float]], None] | None
+    ) -> Callable[[int, dict[str, float]], None]:
+        """An allocator's callback: ``inner`` with each iteration counted here (a bar is
+        then the allocator's own)."""
+
+        def callback(iteration: int, record: dict[str, float]) -> None:
+            if self.mode == "lines":
+                names = (
+                    ("loss", "loss"),
+                    ("rec_loss", "reconstruction"),
+                    ("global_sparsity", "sparsity"),
+                )
+                self.update(**{shown: record[key] for key, shown in names if key in record})
+            if inner is not None:
+                inner(iteration, record)
+
+        return callback
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

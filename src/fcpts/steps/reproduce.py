@@ -39,7 +39,15 @@ def _values(
                 "batch_size": calibration.get("batch_size"),
             },
         ),
-        (o.AllocationOptions, {"target": manifest.get("target"), "method": manifest.get("method")}),
+        (
+            o.AllocationOptions,
+            {
+                "target": manifest.get("target"),
+                "method": manifest.get("method"),
+                "blockwise": manifest.get("blockwise"),
+                "memory_mb": (manifest.get("blockwise_run") or {}).get("memory_mb"),
+            },
+        ),
         (LayerSelection, manifest.get("selection") or {}),
         (o.EvaluationOptions, {"samples": evaluation.get("samples")}),
         (o.GateOptions, {"tolerance": decision.get("tolerance")}),

@@ -21,6 +21,7 @@ RUN_PARAM_NAMES = (
     "score",
     "structure",
     "budget",
+    "blockwise",
     "seed",
     "calibration_samples",
     "model_source",

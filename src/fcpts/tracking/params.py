@@ -59,6 +59,7 @@ def pipeline_params(
         "score": manifest.get("score"),
         "structure": structured.get("structure", "unstructured"),
         "budget": structured.get("budget", "params"),
+        "blockwise": manifest.get("blockwise"),
         **param_values(manifest.get("method"), settings),
         "seed": settings.get("seed", manifest.get("seed")),
         "calibration_samples": calibration_samples
