@@ -41,6 +41,17 @@ ROWS = "<!-- speed:rows "
 TITLE = "## Speed: structured allocation, quality vs measured CPU speed-up"
 
 
+METHODS = {  # --methods name: (row label, allocation method, its settings)
+    "fcpts": ("fcpts units (learned)", "fcpts", {}),
+    "uniform": ("uniform units", "uniform", {}),
+    "uniform-joint": (
+        "uniform units + fcpts joint recon",
+        "fcpts",
+        {"init": "uniform", "learn_thresholds": False},
+    ),
+}
+
+
 def interleaved(dense: Callable[[], Any], pruned: Callable[[], Any], repeats: int, warmup: int):
     """Median seconds of ``dense()`` and ``pruned()``, called alternately."""
     for _ in range(warmup):
@@ -149,7 +160,9 @@ def case_rows(name: str, args) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="fcpts-speed-"))
     common = dict(score="wanda", task=demo.task, batches=calib, device="cpu")
 
-    def add(label, structure, target, pruned, seconds, budget="flops", scored=None, ort=True):
+    def add(
+        label, structure, target, pruned, seconds, budget="flops", scored=None, ort=True, recon="-"
+    ):
         t, o = speed(model, pruned, call, args, tmp, ort)
         q = quality(scored if scored is not None else pruned)
         rows.append(
@@ -164,6 +177,7 @@ def case_rows(name: str, args) -> list[dict[str, Any]]:
                 torch=t,
                 ort=o,
                 seconds=seconds,
+                reconstruction=recon,
             )
         )
         print(rows[-1], flush=True)
@@ -184,10 +198,21 @@ def case_rows(name: str, args) -> list[dict[str, Any]]:
     )
     for target in args.targets:
         for method in args.methods:
-            settings = {"iters": args.iters} if method == "fcpts" else {}
+            label, allocator, settings = METHODS[method]
+            if allocator == "fcpts":
+                settings = dict(settings, iters=args.iters)
             start = time.perf_counter()
-            s = shrink_to(model, target, budget="flops", method=method, settings=settings, **common)
-            add(f"{method} units", "units", target, s.model, time.perf_counter() - start)
+            s = shrink_to(
+                model, target, budget="flops", method=allocator, settings=settings, **common
+            )
+            add(
+                label,
+                "units",
+                target,
+                s.model,
+                time.perf_counter() - start,
+                recon=s.reconstruction,
+            )
     start = time.perf_counter()
     allocation, _ = sparsify_nm(model, 0.5, 2, 4, method="uniform", **common)
     nm = apply_allocation(model, allocation)
@@ -221,13 +246,14 @@ def case_rows(name: str, args) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | allocation | structure | budget | target | quality | torch speed-up | onnxruntime speed-up | allocate s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | allocation | structure | budget | target | reconstruction | quality | torch speed-up | onnxruntime speed-up | allocate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, p="{:.2f}x": "-" if v is None else p.format(v)  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['label']} | {r['structure']} | {r['budget']} | {r['target']:g} | "
+            f"{r.get('reconstruction', '-')} | "
             f"{r['metric']} {r['quality']:.4f} | {f(r['torch'])} | {f(r['ort'])} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -259,8 +285,12 @@ def section(rows: list[dict[str, Any]], args) -> str:
         f"{machine()} (shared with other work: timings are noisy). Speed-ups are dense time / "
         f"pruned time, medians of {args.repeats} interleaved calls after {args.warmup} warm-up "
         "calls each, MiniLM at batch 16 x 64 tokens, digits at 256 images. Units rows: score "
-        f"wanda, least-squares refit of the consumers for both methods, fcpts {args.iters} "
-        "iterations, its other settings the defaults. Quality on the evaluation split (MiniLM: "
+        "wanda; fcpts learns the allocation with its joint reconstruction (then a least-"
+        "squares refit of the removed units' consumers only where it lowers the held-out "
+        "calibration loss: the reconstruction column); uniform units either get the refit, or "
+        "fcpts's joint reconstruction at the uniform allocation (thresholds not learned, same "
+        f"rule for the refit), the like-for-like baseline; fcpts {args.iters} iterations, its "
+        "other settings the defaults. Quality on the evaluation split (MiniLM: "
         "mean cosine to the dense embeddings, 512 sentences; digits: top-1, 300 images).\n\n"
         + table(rows)
         + f"\n\n{ROWS}{json.dumps(rows)}-->"
@@ -273,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cases", default="minilm,digits-cnn")
     parser.add_argument("--targets", default="0.5,0.6")
-    parser.add_argument("--methods", default="fcpts,uniform")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -282,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.targets = [float(t) for t in args.targets.split(",")]
     args.methods = args.methods.split(",")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = args.cases.split(",")

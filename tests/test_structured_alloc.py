@@ -159,6 +159,42 @@ def test_learned_units_land_and_keep_a_unit_per_group():
     assert len(s.allocation.proposal.history) == 15
 
 
+def test_joint_reconstruction_keeps_the_refit_only_when_it_lowers_the_held_out_loss():
+    """fcpts's jointly reconstructed weights go into the shrunk model as they are unless a
+    least-squares refit lowers the loss on the held-out calibration batch; with --no-joint
+    the consumers are refitted as for every baseline."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+    batches = [torch.randn(16, 6) for _ in range(4)]
+    common = dict(budget="flops", method="fcpts", score="wanda", task=Task(), batches=batches)
+    settings = {"iters": 10, "holdout": 0.25}
+    s = shrink_to(model.eval(), 0.5, settings=settings, device="cpu", refit=False, **common)
+    assert (s.reconstruction, s.refitted) == ("joint", [])
+    assert s.section()["reconstruction"] == "joint"
+    learned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, value in s.allocation.proposal.weights.items():
+            learned.get_parameter(name).copy_(value)
+        for name, value in (s.allocation.proposal.params or {}).items():
+            learned.get_parameter(name).copy_(value)
+        want = masked(learned, s.units, s.allocation.keep)(batches[0])
+        assert (s.model(batches[0]) - want).abs().max() < 1e-5
+    chosen = shrink_to(model.eval(), 0.5, settings=settings, device="cpu", **common)
+    assert chosen.reconstruction in ("joint", "joint + least-squares")
+    assert bool(chosen.refitted) == (chosen.reconstruction != "joint")
+    held = batches[-1]  # the held-out quarter
+
+    def held_loss(m):
+        with torch.no_grad():
+            return float(Task().loss(m(held), model(held), held))
+
+    assert held_loss(chosen.model) <= held_loss(s.model) + 1e-7
+    plain = shrink_to(
+        model.eval(), 0.5, settings={"iters": 10, "joint": False}, device="cpu", **common
+    )
+    assert plain.reconstruction == "least-squares" and plain.refitted
+
+
 def test_refit_restores_the_output_when_a_removed_neuron_duplicates_a_kept_one():
     """Neurons 0 and 1 of the hidden layer are equal: without neuron 1 the least-squares
     refit of the output layer doubles neuron 0's column and the output is unchanged."""

@@ -101,7 +101,8 @@ class AllocationOptions:
         bool,
         Opt(
             "with --structure units, refit every layer that reads a removed unit by least "
-            "squares on the calibration activations (the same for every method)"
+            "squares on the calibration activations (after fcpts's joint reconstruction only "
+            "when that lowers the loss on its held-out calibration batches)"
         ),
     ] = True
     unit_multiple: Annotated[

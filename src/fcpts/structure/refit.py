@@ -11,7 +11,8 @@ with X~ the consumer's inputs in the pruned model (removed units masked, a joint
 reconstruction's weights in place), gathered beside the dense model as the sums
 [X~, 1]^T [X~, 1] and [X~, 1]^T Y (float32 per batch, summed in float64). Consumers are
 refitted one after another in module order, each on the inputs that its already refitted
-producers give (one calibration pass per consumer). Linear layers and
+producers give (one calibration pass per consumer, cut short once the consumer has run).
+Linear layers and
 non-grouped Conv2d (through unfolded patches) are refitted; other consumers are left as
 they are.
 """
@@ -75,6 +76,10 @@ def _outputs_2d(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1])
 
 
+class _Captured(Exception):
+    """Raised by a capture hook once every consumer's tensors of a batch are in."""
+
+
 @torch.no_grad()
 def gram_matrices(
     pruned: nn.Module,
@@ -94,16 +99,23 @@ def gram_matrices(
 
         def take_x(mod, args, _out, name=name):
             inputs[name] = _features(mod, args[0].detach())
+            if len(inputs) == len(consumers):
+                raise _Captured  # the rest of the forward pass is not needed
 
         def take_y(mod, _args, out, name=name):
             targets[name] = _outputs_2d(mod, out.detach())
+            if len(targets) == len(consumers):
+                raise _Captured
 
         handles.append(pruned.get_submodule(name).register_forward_hook(take_x))
         handles.append(dense.get_submodule(name).register_forward_hook(take_y))
     try:
         for batch in batches:
-            run(dense, batch)
-            run(pruned, batch)
+            for model in (dense, pruned):
+                try:
+                    run(model, batch)
+                except _Captured:
+                    pass
             for name in consumers:
                 x = inputs.pop(name, None)
                 y = targets.pop(name, None)
