@@ -65,14 +65,18 @@ def _shuffled_digits() -> dict[str, torch.Tensor]:
     return {"x": x[order].contiguous(), "y": y[order].contiguous()}
 
 
-def _cached(path: Path, make) -> dict[str, torch.Tensor]:
-    """The tensors in ``path``, else ``make()`` written there atomically (a corrupt or
-    unreadable cache is remade, not trusted; concurrent writers each write a whole file)."""
+def _cached(path: Path, make, valid=lambda tensors: True) -> dict[str, torch.Tensor]:
+    """The tensors in ``path``, else ``make()`` written there atomically (a corrupt,
+    unreadable or not ``valid`` cache is remade, not trusted; concurrent writers each write
+    a whole file)."""
     if path.is_file():
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except Exception:
-            path.unlink(missing_ok=True)
+            tensors = None
+        if tensors is not None and valid(tensors):
+            return tensors
+        path.unlink(missing_ok=True)
     tensors = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -85,14 +89,21 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (N, 1, 8, 8) floats in [0, 1] and labels, in a fixed shuffled order
     (read from scikit-learn once, then from the cache: importing scikit-learn costs about
     2 CPU seconds in every step process)."""
-    tensors = _cached(cache_dir() / "digits-data-v1.safetensors", _shuffled_digits)
-    x, y = tensors["x"], tensors["y"]
-    if x.shape != (len(y), 1, 8, 8) or x.dtype != torch.float32 or y.dtype != torch.int64:
-        raise UserError(
-            f"the digits cache {cache_dir() / 'digits-data-v1.safetensors'} is not the "
-            "demo's data: delete it and run again"
-        )
-    return x, y
+    tensors = _cached(cache_dir() / "digits-data-v1.safetensors", _shuffled_digits, _is_digits)
+    return tensors["x"], tensors["y"]
+
+
+def _is_digits(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether cached tensors have the demo data's layout (all 1797 images, 8x8 floats)."""
+    x, y = tensors.get("x"), tensors.get("y")
+    if x is None or y is None:
+        return False
+    return (
+        tuple(x.shape) == (SPLITS["evaluation"][1], 1, 8, 8)
+        and tuple(y.shape) == (SPLITS["evaluation"][1],)
+        and x.dtype == torch.float32
+        and y.dtype == torch.int64
+    )
 
 
 def split(name: str, n: int, batch_size: int) -> list[dict[str, Any]]:
