@@ -298,6 +298,7 @@ def test_allocate_units_through_the_cli_and_evaluate_loads_it(tmp_path, digits_c
     assert abs(s["achieved"] - 0.5) <= s["granularity"] / 2
     flops = s["whole_model"]["flops"]
     assert flops["dense"] - flops["shrunk"] == s["removed_cost"]
+    assert s["reconstruction"] == "least-squares" and s["refitted"]  # uniform: --refit default
     demo = load_demo("demo:digits-cnn")
     small, manifest = load_sparse(demo.model, out)
     x = demo.split("evaluation", 32, 32)[0]["x"]

@@ -87,6 +87,7 @@ def structure_line(s: Mapping[str, Any]) -> str:
             f"units, budget {s['budget']}: removed {s['achieved']:.4f} of the removable cost "
             f"(target {s['target']:g}; one unit is at most {s['granularity']:.4f}); whole model "
             f"{w['dense']:,} -> {w['shrunk']:,} ({w['dense'] / max(w['shrunk'], 1):.2f}x less)"
+            + (f"; reconstruction {s['reconstruction']}" if s.get("reconstruction") else "")
         )
     return (
         f"{s['structure']} on {len(s['nm_layers'])} layers, {len(s['dense_layers'])} dense; "
