@@ -32,6 +32,7 @@ from torch import nn
 
 from .alloc.base import Allocation, LayerResult
 from .alloc.phases import split_batches
+from .alloc.reconstruction import teacher_outputs
 from .alloc.structured import UnitAllocation, UnitView, allocate_units, nm_allocation
 from .core import LayerSelection, build_problem
 from .errors import UserError
@@ -139,10 +140,11 @@ def _with_weights(model: nn.Module, allocation: UnitAllocation) -> nn.Module:
 
 
 @torch.no_grad()
-def _held_loss(small: nn.Module, dense: nn.Module, task: Task, held: Sequence[Any]) -> float:
+def _held_loss(small: nn.Module, task: Task, held: Sequence[Any], wanted: Sequence[Any]) -> float:
+    """The task's mean loss of ``small`` on ``held`` against the dense targets ``wanted``
+    (:func:`fcpts.alloc.reconstruction.teacher_outputs`)."""
     total = 0.0
-    for batch in held:
-        want = task.target(task.run(dense, batch), batch)
+    for batch, (want, _) in zip(held, wanted, strict=True):
         total += float(task.loss(task.target(task.run(small, batch), batch), want, batch))
     return total / max(1, len(held))
 
@@ -175,7 +177,8 @@ def _reconstruct(
     train, held = split_batches(batches, holdout)  # the refit is judged on unseen batches
     refitted = refit_consumers(full, model, units, allocation.keep, train, task.run)
     small = shrink(full, units, allocation.keep).eval()
-    if _held_loss(kept, model, task, held) <= _held_loss(small, model, task, held):
+    wanted = teacher_outputs(model, task, held, {})
+    if _held_loss(kept, task, held, wanted) <= _held_loss(small, task, held, wanted):
         return kept, [], "joint"
     return small, refitted, "joint + least-squares"
 

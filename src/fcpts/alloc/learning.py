@@ -101,9 +101,12 @@ def make_optimizer(
         for p in params:
             lr = cfg.weight_lr * (param_scale(p, typical) if relative else 1.0)
             groups.append({"params": [p], "lr": lr, "base_lr": lr})
-    params = [q for g in groups for q in g["params"]]
     # the fused kernel: about 5x cheaper per step than one tensor at a time on the CPU
-    fused = all(q.device.type in ("cpu", "cuda") and q.dtype.is_floating_point for q in params)
+    fused = all(
+        q.device.type in ("cpu", "cuda") and q.dtype.is_floating_point
+        for g in groups
+        for q in g["params"]
+    )
     return torch.optim.Adam(groups, fused=fused), None
 
 
