@@ -215,17 +215,24 @@ def test_optimizer_groups():
     for group, p, r in zip(groups[1:], trained, rms, strict=True):
         assert group["params"] == [p]
         assert group["lr"] == pytest.approx(0.1 * (r if r > 0 else typical))
-    learner = _learner(weight_lr=1e-3, weight_step="absolute", schedule="constant")
+    absolute = dict(weight_lr=1e-3, weight_step="absolute", weight_warmup=0)
+    learner = _learner(**absolute, schedule="constant")
     assert {g["lr"] for g in learner.optimizer.param_groups} == {0.05, 1e-3}
     # the schedule: cosine from each phase's start, constant without one
     state = LoopState(lam=1.0, phase_start=10)
     set_lr(learner, state, 15, 10)
     assert {g["lr"] for g in learner.optimizer.param_groups} == {0.05, 1e-3}
-    cosine = _learner(weight_lr=1e-3, weight_step="absolute")
+    cosine = _learner(**absolute)
     set_lr(cosine, state, 15, 10)
     assert cosine.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
     set_lr(cosine, state, 10, 10)
     assert cosine.optimizer.param_groups[1]["lr"] == pytest.approx(1e-3)
+    # the warm-up: weight rates ramp up over the phase's first iterations, thetas do not
+    warm = _learner(**dict(absolute, weight_warmup=4), schedule="constant")
+    for it, ramp in ((10, 0.25), (11, 0.5), (13, 1.0), (30, 1.0)):
+        set_lr(warm, state, it, 40)
+        lrs = [g["lr"] for g in warm.optimizer.param_groups]
+        assert lrs[0] == 0.05 and lrs[1:] == [pytest.approx(1e-3 * ramp)] * (len(lrs) - 1), it
 
 
 def test_one_step_records_the_start_and_moves_the_thresholds():

@@ -87,6 +87,15 @@ class FCPTS(Allocator):
                 metavar="X",
             ),
         ] = 0.02
+        weight_warmup: Annotated[
+            int,
+            Opt(
+                "iterations over which the weight learning rate ramps up linearly from "
+                "1/N of weight_lr (0: none); keeps the first Adam steps from upsetting "
+                "BatchNorm and depthwise layers",
+                metavar="N",
+            ),
+        ] = 10
         weight_step: Annotated[
             Literal["relative", "absolute"],
             Opt(
@@ -209,6 +218,10 @@ class FCPTS(Allocator):
             )
             need(self.lr > 0, f"lr must be > 0 (threshold learning rate, e.g. 0.05), got {self.lr}")
             need(self.weight_lr >= 0, f"weight_lr must be >= 0, got {self.weight_lr}")
+            need(
+                int(self.weight_warmup) == self.weight_warmup and self.weight_warmup >= 0,
+                f"weight_warmup must be an integer >= 0 (iterations), got {self.weight_warmup}",
+            )
             need(
                 self.weight_step in ("relative", "absolute"),
                 f"weight_step must be 'relative' or 'absolute', got {self.weight_step!r}",

@@ -100,7 +100,7 @@ def make_optimizer(
         typical = sorted(scales)[len(scales) // 2] if scales else 1.0
         for p in params:
             lr = cfg.weight_lr * (param_scale(p, typical) if relative else 1.0)
-            groups.append({"params": [p], "lr": lr, "base_lr": lr})
+            groups.append({"params": [p], "lr": lr, "base_lr": lr, "warmup": True})
     # the fused kernel: about 5x cheaper per step than one tensor at a time on the CPU
     fused = all(
         q.device.type in ("cpu", "cuda") and q.dtype.is_floating_point
@@ -112,13 +112,17 @@ def make_optimizer(
 
 def set_lr(learner: Learner, state: LoopState, iteration: int, length: int) -> None:
     """Every group's learning rate at ``iteration``: its base rate, cosine-annealed from the
-    start of the current phase over ``length`` iterations (constant without a schedule)."""
+    start of the current phase over ``length`` iterations (constant without a schedule);
+    the weight groups also ramp up linearly over the phase's first ``weight_warmup``
+    iterations (Adam's first steps move every parameter by about its full rate at once)."""
+    pos = min(max(0, iteration - state.phase_start), max(1, length))
     factor = 1.0
     if learner.cfg.schedule == "cosine":
-        pos = min(max(0, iteration - state.phase_start), max(1, length))
         factor = 0.5 * (1.0 + math.cos(math.pi * pos / max(1, length)))
+    warmup = learner.cfg.weight_warmup
+    ramp = min(1.0, (pos + 1) / warmup) if warmup > 0 else 1.0
     for group in learner.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group["base_lr"] * factor * (ramp if group.get("warmup") else 1.0)
 
 
 @torch.no_grad()
