@@ -114,12 +114,13 @@ def set_lr(learner: Learner, state: LoopState, iteration: int, length: int) -> N
     """Every group's learning rate at ``iteration``: its base rate, cosine-annealed from the
     start of the current phase over ``length`` iterations (constant without a schedule);
     the weight groups also ramp up linearly over the phase's first ``weight_warmup``
-    iterations (Adam's first steps move every parameter by about its full rate at once)."""
+    iterations, at most a tenth of the phase (Adam's first steps move every parameter by
+    about its full rate at once)."""
     pos = min(max(0, iteration - state.phase_start), max(1, length))
     factor = 1.0
     if learner.cfg.schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * pos / max(1, length)))
-    warmup = learner.cfg.weight_warmup
+    warmup = min(learner.cfg.weight_warmup, max(1, length) // 10)
     ramp = min(1.0, (pos + 1) / warmup) if warmup > 0 else 1.0
     for group in learner.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor * (ramp if group.get("warmup") else 1.0)
