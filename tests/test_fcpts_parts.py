@@ -233,6 +233,9 @@ def test_optimizer_groups():
         set_lr(warm, state, it, 40)
         lrs = [g["lr"] for g in warm.optimizer.param_groups]
         assert lrs[0] == 0.05 and lrs[1:] == [pytest.approx(1e-3 * ramp)] * (len(lrs) - 1), it
+    # ... over at most a tenth of the phase: a 10-iteration phase starts at the full rate
+    set_lr(warm, state, 10, 10)
+    assert warm.optimizer.param_groups[1]["lr"] == pytest.approx(1e-3)
 
 
 def test_one_step_records_the_start_and_moves_the_thresholds():

@@ -91,8 +91,8 @@ class FCPTS(Allocator):
             int,
             Opt(
                 "iterations over which the weight learning rate ramps up linearly from "
-                "1/N of weight_lr (at most a tenth of the phase; 0: none); keeps the first Adam steps from upsetting "
-                "BatchNorm and depthwise layers",
+                "1/N of weight_lr (at most a tenth of the phase; 0: none); keeps the "
+                "first Adam steps from upsetting BatchNorm and depthwise layers",
                 metavar="N",
             ),
         ] = 10
