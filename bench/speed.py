@@ -1,8 +1,9 @@
 """Quality against measured speed-up, per structure and budget; writes a section of RESULTS.md.
 
 For all-MiniLM-L6-v2 and the digits CNN: the dense model, ``--structure units --budget
-flops`` at each target for the learned allocation (fcpts) and for uniform units, both with
-the same least-squares refit of the removed units' consumers; ``2:4`` (dense kernels on the
+flops`` at each target for the learned allocation (fcpts, at the default ``--unit-multiple
+8`` and at any width) and for uniform units (with the least-squares refit of the removed
+units' consumers, or with fcpts's joint reconstruction); ``2:4`` (dense kernels on the
 CPU: its speed is that of the dense model); and an unstructured row at 0.9 timed with torch
 CSR matmuls in its Linear layers (MiniLM). Quality is measured on the evaluation split
 (disjoint from calibration); no setting here was tuned on it.
@@ -41,13 +42,20 @@ ROWS = "<!-- speed:rows "
 TITLE = "## Speed: structured allocation, quality vs measured CPU speed-up"
 
 
-METHODS = {  # --methods name: (row label, allocation method, its settings)
-    "fcpts": ("fcpts units (learned)", "fcpts", {}),
-    "uniform": ("uniform units", "uniform", {}),
+METHODS = {  # --methods name: (row label, allocation method, its settings, shrink_to's)
+    "fcpts": ("fcpts units (learned)", "fcpts", {}, {}),
+    "fcpts-any-width": (
+        "fcpts units (learned), any width (--unit-multiple 1)",
+        "fcpts",
+        {},
+        {"unit_multiple": 1},
+    ),
+    "uniform": ("uniform units", "uniform", {}, {}),
     "uniform-joint": (
         "uniform units + fcpts joint recon",
         "fcpts",
         {"init": "uniform", "learn_thresholds": False},
+        {},
     ),
 }
 
@@ -198,12 +206,18 @@ def case_rows(name: str, args) -> list[dict[str, Any]]:
     )
     for target in args.targets:
         for method in args.methods:
-            label, allocator, settings = METHODS[method]
+            label, allocator, settings, shrink = METHODS[method]
             if allocator == "fcpts":
                 settings = dict(settings, iters=args.iters)
             start = time.perf_counter()
             s = shrink_to(
-                model, target, budget="flops", method=allocator, settings=settings, **common
+                model,
+                target,
+                budget="flops",
+                method=allocator,
+                settings=settings,
+                **shrink,
+                **common,
             )
             add(
                 label,
@@ -285,7 +299,9 @@ def section(rows: list[dict[str, Any]], args) -> str:
         f"{machine()} (shared with other work: timings are noisy). Speed-ups are dense time / "
         f"pruned time, medians of {args.repeats} interleaved calls after {args.warmup} warm-up "
         "calls each, MiniLM at batch 16 x 64 tokens, digits at 256 images. Units rows: score "
-        "wanda; fcpts learns the allocation with its joint reconstruction (then a least-"
+        "wanda; every group of 16 or more units keeps a multiple of 8 (the default "
+        "`--unit-multiple 8`) unless the row says any width; fcpts learns the allocation "
+        "with its joint reconstruction (then a least-"
         "squares refit of the removed units' consumers only where it lowers the held-out "
         "calibration loss: the reconstruction column); uniform units either get the refit, or "
         "fcpts's joint reconstruction at the uniform allocation (thresholds not learned, same "

@@ -285,3 +285,22 @@ def test_every_kfp_visible_step_option_is_a_parameter_of_its_components():
             for setting in declared(group):
                 if setting.opt.kfp and (only is None or setting.dest in only):
                     assert setting.dest in inputs, (name, setting.dest)
+
+
+def test_the_allocate_steps_defaults_are_the_declared_ones():
+    # the step function repeats the declared defaults in its signature (library callers
+    # get the same model as the CLI and the components): they must not drift apart
+    import inspect
+
+    from fcpts.steps.allocate import allocate
+    from fcpts.steps.options import AllocationOptions, CheckpointOptions
+    from fcpts.structured import shrink_to
+
+    pairs = ((allocate, (AllocationOptions, CheckpointOptions)), (shrink_to, (AllocationOptions,)))
+    for fn, groups in pairs:
+        params = inspect.signature(fn).parameters
+        for setting in [s for group in groups for s in declared(group)]:
+            param = params.get(setting.dest)
+            if param is None or param.default is inspect.Parameter.empty:
+                continue
+            assert param.default == setting.default, (fn.__name__, setting.dest)

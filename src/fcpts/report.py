@@ -85,7 +85,8 @@ def structure_line(s: Mapping[str, Any]) -> str:
         w = s["whole_model"][s["budget"]]
         return (
             f"units, budget {s['budget']}: removed {s['achieved']:.4f} of the removable cost "
-            f"(target {s['target']:g}; one unit is at most {s['granularity']:.4f}); whole model "
+            f"(target {s['target']:g}; one step of {s.get('unit_multiple', 1)} unit(s) is at most "
+            f"{s['granularity']:.4f}); whole model "
             f"{w['dense']:,} -> {w['shrunk']:,} ({w['dense'] / max(w['shrunk'], 1):.2f}x less)"
             + (f"; reconstruction {s['reconstruction']}" if s.get("reconstruction") else "")
         )

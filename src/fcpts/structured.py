@@ -83,6 +83,7 @@ class Shrunk:
             "removed_cost": a.removed,
             "removable_cost": a.total,
             "granularity": a.granularity,
+            "unit_multiple": a.multiple,
             "off_by": abs(a.achieved - a.target),
             "reconstruction": self.reconstruction,
             "refitted": self.refitted,
@@ -197,13 +198,14 @@ def shrink_to(
     input_norms: Mapping[str, torch.Tensor] | None = None,
     device: str | torch.device = "auto",
     refit: bool = True,
-    unit_multiple: int = 1,
+    unit_multiple: int = 8,
     callback: Any = None,
     progress: bool = False,
 ) -> Shrunk:
     """The smaller dense model that removes ``target`` of the removable units' cost;
     ``unit_multiple`` > 1 keeps each group's width a multiple of it (groups of at least
-    twice as many units)."""
+    twice as many units; 8 by default, widths the CPU kernels run fast at); 1 removes any
+    number of units."""
     check_budget(budget)
     if task is None or not batches:
         raise UserError("--structure units needs calibration data (the example input shape)")

@@ -92,7 +92,8 @@ class UnitAllocation:
     target: float
     total: int
     removed: int
-    granularity: float  # the dearest unit's share of the total
+    granularity: float  # the dearest step's share of the total (a unit, or a block)
+    multiple: int = 1  # units per removal step in groups of at least twice as many
 
     @property
     def achieved(self) -> float:
@@ -176,7 +177,9 @@ def allocate_units(
     proposal = allocator.propose(problem)
     keep, removed = land_units(allocator, problem, proposal, costs, multiple)
     dearest = max(layer.shape[1] for layer in problem.layers) * max(1, multiple)
-    return UnitAllocation(keep, proposal, target, costs.full, removed, dearest / costs.full)
+    return UnitAllocation(
+        keep, proposal, target, costs.full, removed, dearest / costs.full, max(1, multiple)
+    )
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, in_axis: int = 1) -> torch.Tensor:

@@ -70,7 +70,7 @@ def allocate(
     structure: str = "unstructured",
     budget: str = "params",
     refit: bool = True,
-    unit_multiple: int = 1,
+    unit_multiple: int = 8,
     score: str | None = None,
     settings: Mapping[str, Any] | None = None,
     selection: LayerSelection | Mapping[str, Any] | None = None,

@@ -109,10 +109,11 @@ class AllocationOptions:
         int,
         Opt(
             "with --structure units, keep a multiple of N units in every group of at least 2N "
-            "(widths CPU kernels run fastest at, e.g. 8); lands to one block of N units",
+            "(the widths CPU kernels run fastest at; 1: any width); lands to one block of N "
+            "units",
             metavar="N",
         ),
-    ] = 1
+    ] = 8
     recalibrate_bn: Annotated[
         bool,
         Opt("re-estimate BatchNorm statistics of the sparse model on the calibration data"),
